@@ -1,0 +1,216 @@
+"""The ``cbart`` front door: the whole compression workflow and its error messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_bart_config
+from transformers import BartForConditionalGeneration
+
+from cbart.cli import main
+from compression import load_compressed_model
+
+
+@pytest.fixture
+def base_with_tokenizer(tmp_path: Path, bart_tokenizer) -> Path:
+    torch.manual_seed(0)
+    directory = tmp_path / "base"
+    BartForConditionalGeneration(tiny_bart_config(vocab_size=len(bart_tokenizer), positions=64)).save_pretrained(
+        directory
+    )
+    bart_tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def translation_file(tmp_path: Path, shared_data: Path) -> Path:
+    lines = (shared_data / "multi30k" / "validation.jsonl").read_text(encoding="utf-8").splitlines()[:24]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_compress_then_both_training_stages(tmp_path, base_with_tokenizer, translation_file, capsys):
+    common = ["--max-steps", "2", "--batch-size", "8", "--no-progress", "--device", "cpu"]
+    assert (
+        main(
+            [
+                "compress",
+                str(base_with_tokenizer),
+                "--latent",
+                "24",
+                "16",
+                "--variant",
+                "token",
+                "--out",
+                str(tmp_path / "init"),
+            ]
+        )
+        == 0
+    )
+    assert "decoder parameters" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "train-ae",
+                str(tmp_path / "init"),
+                "--data",
+                str(translation_file),
+                "--max-source-length",
+                "48",
+                "--out",
+                str(tmp_path / "ae"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert "stage 1 done: 2 steps" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "train",
+                str(tmp_path / "ae"),
+                "--data",
+                str(translation_file),
+                "--task",
+                "translation",
+                "--eval-data",
+                str(translation_file),
+                "--eval-limit",
+                "4",
+                "--num-beams",
+                "1",
+                "--min-length",
+                "0",
+                "--max-length",
+                "6",
+                "--max-target-length",
+                "48",
+                "--out",
+                str(tmp_path / "mt"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "stage 2 done: 2 steps" in out and "'bleu'" in out
+    model = load_compressed_model(tmp_path / "mt")
+    assert model.config.latent_sizes == [24, 16] and model.config.autoencoder_variant == "token"
+    state = torch.load(tmp_path / "mt" / "training_state.pt", weights_only=False)
+    assert state["step"] == 2 and state["compatibility"]["stage"] == "decoder"
+
+
+def test_train_ae_directly_from_a_base_model_with_paper_autoencoder(tmp_path, base_with_tokenizer, translation_file):
+    assert (
+        main(
+            [
+                "train-ae",
+                str(base_with_tokenizer),
+                "--latent",
+                "24",
+                "16",
+                "--data",
+                str(translation_file),
+                "--max-source-length",
+                "48",
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "ae"),
+            ]
+        )
+        == 0
+    )
+    config = json.loads((tmp_path / "ae" / "config.json").read_text())
+    assert config["autoencoder_variant"] == "paper" and config["autoencoder_max_positions"] == 64
+
+
+def test_classification_from_a_stage1_checkpoint(tmp_path, base_with_tokenizer, shared_data):
+    rows = (shared_data / "sst2" / "validation.jsonl").read_text().splitlines()[:16]
+    data = tmp_path / "sst2.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    assert (
+        main(
+            [
+                "compress",
+                str(base_with_tokenizer),
+                "--latent",
+                "24",
+                "16",
+                "--variant",
+                "token",
+                "--out",
+                str(tmp_path / "init"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                str(tmp_path / "init"),
+                "--task",
+                "classification",
+                "--data",
+                str(data),
+                "--source-field",
+                "text",
+                "--eval-data",
+                str(data),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "cls"),
+            ]
+        )
+        == 0
+    )
+    model = load_compressed_model(tmp_path / "cls", task="classification")
+    assert model.config.num_labels == 2
+
+
+def test_errors_are_one_clear_line(tmp_path, translation_file, capsys):
+    assert (
+        main(
+            ["train-ae", str(tmp_path / "missing-model"), "--data", str(translation_file), "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
+    assert "base model directory" in capsys.readouterr().err
+    assert (
+        main(["compress", str(tmp_path / "missing-model"), "--latent", "24", "16", "--out", str(tmp_path / "o")]) == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_latent_sizes_from_the_command_line(tmp_path, base_with_tokenizer, capsys):
+    assert main(["compress", str(base_with_tokenizer), "--latent", "16", "24", "--out", str(tmp_path / "o")]) == 2
+    assert "strictly decreasing" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_import_original_from_the_command_line(tmp_path, capsys):
+    from conftest import tiny_compressed
+    from test_checkpoint import write_original_release
+
+    write_original_release(tiny_compressed("paper"), tmp_path / "release")
+    assert (
+        main(["import-original", str(tmp_path / "release"), "--latent", "24", "16", "--out", str(tmp_path / "ours")])
+        == 0
+    )
+    assert load_compressed_model(tmp_path / "ours").config.latent_sizes == [24, 16]
+    assert main(["import-original", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert "is missing config.json" in capsys.readouterr().err

@@ -1,0 +1,178 @@
+"""Training stages: losses go down, checkpoints and exact resume, incompatible resume, real data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_bart_config
+from transformers import BartForConditionalGeneration
+
+from compression import CheckpointError, build_from_base, load_compressed_model
+from compression.data import Collator, Example, load_records, tokenize_seq2seq
+from compression.synthetic import ReversalTask, strip_specials
+from compression.training import (
+    Seq2SeqEvaluation,
+    TrainingArguments,
+    train_autoencoder,
+    train_classifier,
+    train_decoder,
+)
+from compression.training.stages import AUTOENCODER_FILE, classification_accuracy, to_classifier
+
+TASK = ReversalTask(symbols=8, min_length=3, max_length=6)
+
+
+def small_model(variant: str = "paper"):
+    torch.manual_seed(0)
+    base = BartForConditionalGeneration(TASK.base_config(width=32, ffn=64))
+    return build_from_base(base, [24, 16], variant)
+
+
+def args(tmp_path: Path, name: str, **overrides) -> TrainingArguments:
+    settings = {"max_steps": 12, "batch_size": 16, "learning_rate": 3e-3, "progress": False, "seed": 0}
+    return TrainingArguments(tmp_path / name, **{**settings, **overrides})
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("variant", ["paper", "token"])
+def test_stage1_reconstruction_loss_decreases_and_updates_the_compressor(tmp_path: Path, variant: str):
+    model = small_model(variant)
+    before = model.model.encoder.compressor.layers[0].weight.clone()
+    result = train_autoencoder(model, TASK.sample(256, 0), args(tmp_path, "ae", max_steps=30))
+    assert mean(result.losses[-5:]) < 0.7 * mean(result.losses[:5])
+    assert not torch.equal(model.model.encoder.compressor.layers[0].weight, before)
+    saved = load_compressed_model(tmp_path / "ae")
+    torch.testing.assert_close(
+        saved.model.encoder.compressor.layers[0].weight, model.model.encoder.compressor.layers[0].weight
+    )
+    assert (tmp_path / "ae" / AUTOENCODER_FILE).is_file()
+
+
+def test_stage2_trains_only_the_decoder_by_default_and_evaluates(tmp_path: Path):
+    model = small_model("paper")
+    encoder_before = {k: v.clone() for k, v in model.model.encoder.state_dict().items()}
+    held_out = TASK.sample(20, 1)
+    evaluation = Seq2SeqEvaluation(
+        examples=held_out,
+        references=[strip_specials(e.labels) for e in held_out],
+        decode=lambda batch: [strip_specials(ids) for ids in batch],
+        metric="exact_match",
+        generation={"max_new_tokens": 8},
+    )
+    result = train_decoder(
+        model, TASK.sample(256, 0), args(tmp_path, "dec", max_steps=30, eval_every=15), evaluation=evaluation
+    )
+    assert mean(result.losses[-5:]) < 0.92 * mean(result.losses[:5])
+    assert [e["step"] for e in result.evaluations] == [15, 30]
+    assert all(0.0 <= e["exact_match"] <= 100.0 for e in result.evaluations)
+    for name, tensor in model.model.encoder.state_dict().items():
+        assert torch.equal(tensor, encoder_before[name]), name
+
+
+def test_unfreezing_the_compressor_trains_it_with_padding_to_max_length(tmp_path: Path):
+    model = small_model("paper")
+    before = model.model.encoder.compressor.layers[0].weight.clone()
+    train_decoder(model, TASK.sample(64, 0), args(tmp_path, "dec", max_steps=2), train_compressor=True)
+    assert not torch.equal(model.model.encoder.compressor.layers[0].weight, before)
+
+
+def test_resume_continues_exactly_where_training_stopped(tmp_path: Path):
+    examples = TASK.sample(96, 0)
+    straight = small_model()
+    train_decoder(straight, examples, args(tmp_path, "straight", max_steps=8))
+
+    interrupted = small_model()
+    train_decoder(interrupted, examples, args(tmp_path, "run", max_steps=8, save_every=4))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-4"
+    assert checkpoint.is_dir() and (tmp_path / "run" / "checkpoints" / "step-8").is_dir()
+    resumed = load_compressed_model(checkpoint)
+    result = train_decoder(resumed, examples, args(tmp_path, "resumed", max_steps=8, resume_from=checkpoint))
+    assert result.steps == 8 and len(result.losses) == 8
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_from_an_incompatible_checkpoint_is_refused(tmp_path: Path):
+    model = small_model()
+    train_autoencoder(model, TASK.sample(32, 0), args(tmp_path, "ae", max_steps=2))
+    with pytest.raises(CheckpointError, match="different settings .*stage: checkpoint 'autoencoder' vs now 'decoder'"):
+        train_decoder(
+            load_compressed_model(tmp_path / "ae"), TASK.sample(32, 0), args(tmp_path, "d", resume_from=tmp_path / "ae")
+        )
+    with pytest.raises(CheckpointError, match="has no training_state.pt"):
+        train_decoder(small_model(), TASK.sample(32, 0), args(tmp_path, "d2", resume_from=tmp_path / "ae" / "nothing"))
+
+
+def test_gradient_accumulation_and_bf16_autocast_run(tmp_path: Path):
+    model = small_model("token")
+    result = train_decoder(
+        model,
+        TASK.sample(64, 0),
+        args(tmp_path, "acc", max_steps=3, gradient_accumulation_steps=2, mixed_precision="bf16"),
+    )
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_training_arguments_reject_impossible_settings(tmp_path: Path):
+    with pytest.raises(ValueError, match="fp16 mixed precision needs a CUDA device"):
+        TrainingArguments(tmp_path, mixed_precision="fp16", device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+            TrainingArguments(tmp_path, device="cuda")
+
+
+def test_classification_head_on_the_compressed_decoder_learns(tmp_path: Path):
+    torch.manual_seed(0)
+    rows = TASK.sample(200, 3)
+    examples = [Example(e.input_ids, int(e.input_ids[1] < e.input_ids[-2])) for e in rows]
+    classifier = to_classifier(small_model("token"), num_labels=2)
+    result = train_classifier(classifier, examples, args(tmp_path, "cls", max_steps=40), held_out=examples[:50])
+    assert mean(result.losses[-5:]) < mean(result.losses[:5])
+    assert classification_accuracy(classifier, examples[:50])["accuracy"] == result.evaluations[-1]["accuracy"]
+    reloaded = load_compressed_model(tmp_path / "cls", task="classification")
+    assert reloaded.config.num_labels == 2
+
+
+def test_collator_pads_sources_and_masks_target_padding():
+    batch = Collator(pad_token_id=1, pad_source_to=6)([Example([0, 5, 2], [0, 7, 8, 2]), Example([0, 2], [0, 2])])
+    assert batch["input_ids"].tolist() == [[0, 5, 2, 1, 1, 1], [0, 2, 1, 1, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[0, 7, 8, 2], [0, 2, -100, -100]]
+
+
+def test_local_data_files_and_field_errors(tmp_path: Path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"article": "a", "summary": "b"}) + "\n\n")
+    (tmp_path / "d.csv").write_text("article,summary\nx,y\n")
+    assert load_records(tmp_path / "d.jsonl") == [{"article": "a", "summary": "b"}]
+    assert load_records(tmp_path / "d.csv") == [{"article": "x", "summary": "y"}]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_records(tmp_path / "missing.jsonl")
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1 is not valid JSON"):
+        load_records(tmp_path / "bad.jsonl")
+    with pytest.raises(KeyError, match="field 'source' not in the data; available fields: \\['article', 'summary'\\]"):
+        tokenize_seq2seq(load_records(tmp_path / "d.jsonl"), None, "source", "summary", 8, 8)
+
+
+def test_both_stages_on_real_translation_data_with_the_real_tokenizer(
+    tmp_path: Path, shared_data: Path, bart_tokenizer
+):
+    rows = load_records(shared_data / "multi30k" / "train.jsonl", limit=128)
+    examples = tokenize_seq2seq(rows, bart_tokenizer, "source", "target", 48, 48)
+    torch.manual_seed(0)
+    base_config = tiny_bart_config(vocab_size=len(bart_tokenizer), positions=64)
+    model = build_from_base(BartForConditionalGeneration(base_config), [24, 16], "paper")
+    stage1 = train_autoencoder(model, examples, args(tmp_path, "ae", max_steps=16), bart_tokenizer)
+    stage2 = train_decoder(model, examples, args(tmp_path, "mt", max_steps=40, learning_rate=1e-2), bart_tokenizer)
+    assert mean(stage1.losses[-3:]) < mean(stage1.losses[:3])
+    assert mean(stage2.losses[-3:]) < 0.8 * mean(stage2.losses[:3])
+    from transformers import AutoTokenizer
+
+    stored = AutoTokenizer.from_pretrained(tmp_path / "mt")
+    assert stored("Hello world").input_ids == [0, 31414, 232, 2]
