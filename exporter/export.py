@@ -1,0 +1,233 @@
+"""``cbart export``: checkpoint -> verified export directory (ONNX graphs or TensorRT engines).
+
+Everything is written into a temporary directory next to the destination and renamed into place
+only after the graphs were verified, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, BartForConditionalGeneration
+
+from compression.checkpoint import atomic_directory, is_compressed_checkpoint, load_compressed_model
+from exporter.onnx_export import describe, export_graph, graph_definitions
+from exporter.variants import convert_to_fp16, optimize_graph, quantize_int8
+from exporter.verify import Tolerance, VerificationReport, compare_generation, compare_graphs
+from runtime.manifest import MANIFEST, Manifest, ModelDims, SpecialTokens, file_entries
+
+GENERATION_FIELDS = (
+    "max_length",
+    "min_length",
+    "num_beams",
+    "length_penalty",
+    "early_stopping",
+    "no_repeat_ngram_size",
+    "repetition_penalty",
+)
+
+
+class ExportError(RuntimeError):
+    """The export could not be produced or failed its verification; nothing was written."""
+
+
+@dataclass
+class ExportOptions:
+    opset: int = 17
+    fuse_encoder: bool = False
+    optimize: bool = False
+    dtype: str = "fp32"
+    quantize: str | None = None
+    verify: bool = True
+    tokenizer: str | None = None
+    overwrite: bool = False
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.opset < 17:
+            raise ValueError(f"opset must be >= 17 (LayerNormalization), got {self.opset}")
+        if self.dtype not in ("fp32", "fp16"):
+            raise ValueError(
+                f"--dtype {self.dtype} is not supported for ONNX export; use fp32 or fp16 "
+                "(bf16 is available for TensorRT engines: --to trt --bf16)"
+            )
+        if self.quantize not in (None, "int8"):
+            raise ValueError(f"--quantize supports int8 only, got {self.quantize!r}")
+        if self.quantize and self.dtype != "fp32":
+            raise ValueError("int8 quantization starts from fp32 graphs; drop --dtype fp16")
+
+    @property
+    def precision(self) -> str:
+        return self.quantize or self.dtype
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    manifest: Manifest
+    report: VerificationReport | None
+    fused: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def load_model(checkpoint: str | Path) -> BartForConditionalGeneration:
+    """A compressed checkpoint, or a plain BART directory (exported the same way, without autoencoder)."""
+    path = Path(checkpoint)
+    if is_compressed_checkpoint(path):
+        return load_compressed_model(path)  # type: ignore[return-value]
+    config_file = path / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "bart":
+        return BartForConditionalGeneration.from_pretrained(path).eval()
+    raise ExportError(
+        f"{checkpoint} is neither a compressed BART checkpoint nor a BART directory (config.json with "
+        "model_type 'compressed_bart' or 'bart'); train one with `cbart train` or pass a save_pretrained() directory"
+    )
+
+
+def model_dims(model: BartForConditionalGeneration) -> ModelDims:
+    config = model.config
+    compressed = config.model_type == "compressed_bart"
+    max_source = config.max_position_embeddings
+    if compressed and config.autoencoder_variant == "paper":
+        max_source = min(max_source, config.autoencoder_max_positions)
+    return ModelDims(
+        architecture=config.model_type,
+        encoder_layers=config.encoder_layers,
+        decoder_layers=config.decoder_layers,
+        decoder_attention_heads=config.decoder_attention_heads,
+        head_dim=config.d_model // config.decoder_attention_heads,
+        base_width=config.encoder_d_model if compressed else config.d_model,
+        latent_width=config.d_model,
+        latent_sizes=list(config.latent_sizes) if compressed else [],
+        autoencoder_variant=config.autoencoder_variant if compressed else None,
+        vocab_size=config.vocab_size,
+        max_source_positions=max_source,
+        max_target_positions=config.max_position_embeddings,
+    )
+
+
+def special_tokens(model: BartForConditionalGeneration) -> SpecialTokens:
+    generation = model.generation_config
+    config = model.config
+
+    def pick(name: str) -> int | None:
+        value = getattr(generation, name, None)
+        return getattr(config, name, None) if value is None else value
+
+    return SpecialTokens(
+        bos=config.bos_token_id,
+        pad=config.pad_token_id,
+        eos=config.eos_token_id,
+        decoder_start=config.decoder_start_token_id,
+        forced_bos=pick("forced_bos_token_id"),
+        forced_eos=pick("forced_eos_token_id"),
+    )
+
+
+def generation_defaults(model: BartForConditionalGeneration) -> dict[str, Any]:
+    generation = model.generation_config
+    return {
+        name: getattr(generation, name) for name in GENERATION_FIELDS if getattr(generation, name, None) is not None
+    }
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    import cbart
+
+    return {
+        "cbart": cbart.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def _copy_tokenizer(checkpoint: str | Path, tokenizer: str | None, destination: Path) -> bool:
+    source = tokenizer or str(checkpoint)
+    try:
+        loaded = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError):
+        if tokenizer is not None:
+            raise ExportError(f"could not load the tokenizer from {tokenizer}") from None
+        return False
+    loaded.save_pretrained(destination)
+    return (destination / "tokenizer.json").is_file()
+
+
+def export_onnx(
+    checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None, log=print
+) -> ExportResult:
+    """Export, optimise/convert/quantise, verify and write ``out`` atomically."""
+    options = options or ExportOptions()
+    out = Path(out)
+    if out.exists() and not options.overwrite:
+        raise ExportError(f"{out} already exists; choose another --out or pass --overwrite")
+    model = load_model(checkpoint)
+    tolerance = Tolerance.for_variant(options.dtype, options.quantize)
+    result: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        graphs = {}
+        fused: dict[str, dict[str, int]] = {}
+        float_dtype = "float16" if options.dtype == "fp16" else "float32"
+        for definition in graph_definitions(model, options.fuse_encoder):
+            log(f"exporting {definition.name} ...")
+            graphs[definition.name] = export_graph(definition, tmp, options.opset)
+            path = tmp / graphs[definition.name].file
+            if options.optimize:
+                width = model.config.d_model if definition.name != "encoder" else model_dims(model).base_width
+                heads = (
+                    model.config.decoder_attention_heads
+                    if definition.name != "encoder"
+                    else model.config.encoder_attention_heads
+                )
+                fused[definition.name] = optimize_graph(path, heads, width)
+            if options.dtype == "fp16":
+                convert_to_fp16(path)
+            if options.quantize == "int8":
+                quantize_int8(path)
+            graphs[definition.name] = describe(
+                definition, path.name, "float32" if options.dtype == "fp16" else float_dtype
+            )
+        has_tokenizer = _copy_tokenizer(checkpoint, options.tokenizer, tmp / "tokenizer")
+        if not has_tokenizer:
+            shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
+        manifest = Manifest(
+            model=model_dims(model),
+            tokens=special_tokens(model),
+            graphs=graphs,
+            files={},
+            generation=generation_defaults(model),
+            precision=options.precision,
+            backend="onnx",
+            tokenizer_dir="tokenizer" if has_tokenizer else None,
+            versions=versions(),
+        )
+        manifest.files = file_entries(tmp)
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        report = None
+        if options.verify:
+            log("verifying against PyTorch ...")
+            report = compare_graphs(model, tmp, tolerance, options.threads)
+            compare_generation(model, tmp, report, options.threads)
+            if tolerance.exact_tokens and report.greedy_identical != report.greedy_cases:
+                report.passed = False
+            if not report.passed:
+                raise ExportError(
+                    "export verification failed, nothing was written:\n  " + "\n  ".join(report.failures())
+                )
+            manifest.verification = report.summary()
+            (tmp / MANIFEST).write_text(manifest.to_json())
+        result.update(manifest=manifest, report=report, fused=fused)
+
+    atomic_directory(out, write)
+    return ExportResult(out, result["manifest"], result["report"], result["fused"])

@@ -1,0 +1,193 @@
+"""The torch modules that become the exported graphs.
+
+The exported split (encoder -> autoencoder -> cross-K/V generator -> decoder step) is what a fast
+runtime needs, and it is the same for ONNX Runtime and TensorRT:
+
+* the cross-attention K/V of every layer is computed **once per request** by its own small graph;
+* one decoder-step graph accepts a past self-attention cache of any length, including 0, so the
+  first step needs no special graph and no ONNX ``If`` (which TensorRT cannot build);
+* the decoder step takes the encoder padding mask, so padded batches never attend to pads;
+* the cross K/V may have fewer rows than the decoder batch: with ``N`` sources and ``N*K`` decoder
+  rows (K beams or samples per source, rows grouped by source) every row reads its source's K/V, so
+  beams share one copy instead of K.
+
+K/V caches are stacked into one tensor per kind -- ``[layers, 2 (key, value), batch, heads, length,
+head_dim]`` -- so a runtime binds one buffer instead of ``2 * layers``.
+
+The decoder step re-implements BART's post-LayerNorm decoder layer with plain tensor ops (weights
+shared with the trained model); tests and the export's own verification hold it to transformers'
+``generate()`` token for token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BartForConditionalGeneration
+from transformers.activations import ACT2FN
+from transformers.models.bart.modeling_bart import BartAttention, BartDecoderLayer
+
+
+def model_parts(model: BartForConditionalGeneration) -> tuple[nn.Module, nn.Module | None]:
+    """(BART encoder, compressor or None) of a compressed or a plain BART model."""
+    encoder = model.model.encoder
+    if hasattr(encoder, "compressor"):
+        return encoder.base, encoder.compressor
+    return encoder, None
+
+
+class EncoderGraph(nn.Module):
+    """input_ids, attention_mask -> encoder hidden states (base width)."""
+
+    def __init__(self, model: BartForConditionalGeneration) -> None:
+        super().__init__()
+        self.encoder, _ = model_parts(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class AutoencoderGraph(nn.Module):
+    """encoder hidden states -> compressed memory (latent width).
+
+    For the ``paper`` variant the per-position BatchNorm runs in eval mode as an affine map sliced
+    to the actual source length (see ``compression.autoencoder.PositionBatchNorm``).
+    """
+
+    def __init__(self, model: BartForConditionalGeneration) -> None:
+        super().__init__()
+        _, compressor = model_parts(model)
+        if compressor is None:
+            raise ValueError("a plain BART has no autoencoder graph")
+        self.compressor = compressor
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.compressor(hidden_states)
+
+
+class FusedEncoderGraph(nn.Module):
+    """Encoder and autoencoder in one graph (``--fuse-encoder``); for a plain BART, just the encoder."""
+
+    def __init__(self, model: BartForConditionalGeneration) -> None:
+        super().__init__()
+        self.encoder = EncoderGraph(model)
+        compressor = model_parts(model)[1]
+        self.compressor = compressor if compressor is not None else nn.Identity()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.compressor(self.encoder(input_ids, attention_mask))
+
+
+def _split_heads(states: torch.Tensor, heads: int) -> torch.Tensor:
+    batch, length, width = states.shape
+    return states.view(batch, length, heads, width // heads).transpose(1, 2)
+
+
+class CrossKVGraph(nn.Module):
+    """memory [N, S, d] -> cross K/V of every decoder layer, stacked: [layers, 2, N, heads, S, head_dim]."""
+
+    def __init__(self, model: BartForConditionalGeneration) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layer.encoder_attn for layer in model.model.decoder.layers)
+        self.heads = model.config.decoder_attention_heads
+
+    def forward(self, memory: torch.Tensor) -> torch.Tensor:
+        per_layer = [
+            torch.stack([_split_heads(attn.k_proj(memory), self.heads), _split_heads(attn.v_proj(memory), self.heads)])
+            for attn in self.layers
+        ]
+        return torch.stack(per_layer)
+
+
+class DecoderStepGraph(nn.Module):
+    """One decoding step with a KV cache.
+
+    Inputs: ``input_ids`` [B, T]; ``past_kv`` [layers, 2, B, heads, P, head_dim] (P may be 0);
+    ``cross_kv`` [layers, 2, N, heads, S, head_dim] with B a multiple of N; ``encoder_attention_mask``
+    [N, S]. Outputs: ``logits`` [B, T, vocab] (with ``final_logits_bias``) and ``present_kv``
+    [layers, 2, B, heads, P + T, head_dim].
+    """
+
+    def __init__(self, model: BartForConditionalGeneration) -> None:
+        super().__init__()
+        decoder = model.model.decoder
+        self.embed_tokens = decoder.embed_tokens
+        self.embed_positions = decoder.embed_positions
+        self.layernorm_embedding = decoder.layernorm_embedding
+        self.layers = decoder.layers
+        self.lm_head = model.lm_head
+        self.register_buffer("final_logits_bias", model.final_logits_bias.detach().clone(), persistent=False)
+        self.heads = model.config.decoder_attention_heads
+        self.activation = ACT2FN[model.config.activation_function]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        past_kv: torch.Tensor,
+        cross_kv: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        past_length = past_kv.shape[4]
+        steps = input_ids.shape[1]
+        positions = torch.arange(steps, device=input_ids.device) + past_length
+        hidden = self.embed_tokens(input_ids) + self.embed_positions.weight[positions + self.embed_positions.offset]
+        hidden = self.layernorm_embedding(hidden)
+
+        total = past_length + steps
+        allowed = torch.arange(total, device=input_ids.device)[None, :] <= (positions[:, None])
+        causal = torch.zeros(steps, total, dtype=hidden.dtype, device=hidden.device)
+        causal = causal.masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+        cross_mask = (1.0 - encoder_attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+
+        presents = []
+        for index, layer in enumerate(self.layers):
+            hidden, present = self._layer(layer, hidden, past_kv[index], cross_kv[index], causal, cross_mask)
+            presents.append(present)
+        logits = self.lm_head(hidden) + self.final_logits_bias
+        return logits, torch.stack(presents)
+
+    def _layer(
+        self,
+        layer: BartDecoderLayer,
+        hidden: torch.Tensor,
+        past: torch.Tensor,
+        cross: torch.Tensor,
+        causal: torch.Tensor,
+        cross_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = layer.self_attn
+        query = _split_heads(attn.q_proj(hidden), self.heads)
+        key = torch.cat([past[0], _split_heads(attn.k_proj(hidden), self.heads)], dim=2)
+        value = torch.cat([past[1], _split_heads(attn.v_proj(hidden), self.heads)], dim=2)
+        context = _attend(query * attn.scaling, key, value, causal)
+        hidden = layer.self_attn_layer_norm(hidden + attn.out_proj(context))
+
+        context = self._cross_attend(layer.encoder_attn, hidden, cross, cross_mask)
+        hidden = layer.encoder_attn_layer_norm(hidden + layer.encoder_attn.out_proj(context))
+
+        feed_forward = layer.fc2(self.activation(layer.fc1(hidden)))
+        hidden = layer.final_layer_norm(hidden + feed_forward)
+        return hidden, torch.stack([key, value])
+
+    def _cross_attend(
+        self, attn: BartAttention, hidden: torch.Tensor, cross: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows are grouped by source: decoder rows [n*K, (n+1)*K) read source n's K/V."""
+        batch, steps, width = hidden.shape
+        sources = cross.shape[1]
+        group = batch // sources
+        query = _split_heads(attn.q_proj(hidden) * attn.scaling, self.heads)  # [B, H, T, hd]
+        head_dim = query.shape[-1]
+        query = query.reshape(sources, group, self.heads, steps, head_dim).transpose(1, 2)
+        query = query.reshape(sources, self.heads, group * steps, head_dim)
+        scores = torch.matmul(query, cross[0].transpose(-1, -2)) + mask
+        context = torch.matmul(torch.softmax(scores, dim=-1), cross[1])  # [N, H, K*T, hd]
+        context = context.reshape(sources, self.heads, group, steps, head_dim).permute(0, 2, 3, 1, 4)
+        return context.reshape(batch, steps, width)
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    batch, heads, steps, head_dim = query.shape
+    scores = torch.matmul(query, key.transpose(-1, -2)) + mask
+    context = torch.matmul(torch.softmax(scores, dim=-1), value)
+    return context.transpose(1, 2).reshape(batch, steps, heads * head_dim)

@@ -1,0 +1,161 @@
+"""Export mechanics: trace each graph module to ONNX with dynamic axes and describe it for the manifest."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+from transformers import BartForConditionalGeneration
+
+from exporter.graphs import (
+    AutoencoderGraph,
+    CrossKVGraph,
+    DecoderStepGraph,
+    EncoderGraph,
+    FusedEncoderGraph,
+    model_parts,
+)
+from runtime.manifest import GraphSpec, TensorSpec
+
+TWO_GIB = 2**31
+KV_AXES = ["layers", "2", "{batch}", "heads", "{length}", "head_dim"]
+
+
+@dataclass(frozen=True)
+class GraphDefinition:
+    """One graph: its module, example inputs, and named symbolic shapes of inputs and outputs."""
+
+    name: str
+    module: nn.Module
+    example: tuple[torch.Tensor, ...]
+    inputs: dict[str, list[str | int]]
+    outputs: dict[str, list[str | int]]
+    input_dtypes: dict[str, str]
+
+
+def _kv(batch: str, length: str, dims: dict[str, int]) -> list[str | int]:
+    return [dims["layers"], 2, batch, dims["heads"], length, dims["head_dim"]]
+
+
+def graph_definitions(model: BartForConditionalGeneration, fuse_encoder: bool) -> list[GraphDefinition]:
+    """The graphs of the export directory and how their axes are named (see ``exporter.graphs``)."""
+    config = model.config
+    _, compressor = model_parts(model)
+    base_width = getattr(config, "encoder_d_model", config.d_model)
+    dims = {
+        "layers": config.decoder_layers,
+        "heads": config.decoder_attention_heads,
+        "head_dim": config.d_model // config.decoder_attention_heads,
+    }
+    batch, sources, length = 2, 2, 7
+    ids = torch.tensor([[0, 5, 6, 7, 8, 9, 2], [0, 10, 11, 2, 1, 1, 1]])
+    mask = (ids != config.pad_token_id).long()
+    memory = torch.zeros(sources, length, config.d_model)
+    id_dtypes = {"input_ids": "int64", "attention_mask": "int64"}
+    source_axes = {"input_ids": ["batch", "source_length"], "attention_mask": ["batch", "source_length"]}
+    definitions: list[GraphDefinition] = []
+    if fuse_encoder or compressor is None:
+        definitions.append(
+            GraphDefinition(
+                "encoder",
+                FusedEncoderGraph(model),
+                (ids, mask),
+                source_axes,
+                {"memory": ["batch", "source_length", config.d_model]},
+                id_dtypes,
+            )
+        )
+    else:
+        definitions.append(
+            GraphDefinition(
+                "encoder",
+                EncoderGraph(model),
+                (ids, mask),
+                source_axes,
+                {"hidden_states": ["batch", "source_length", base_width]},
+                id_dtypes,
+            )
+        )
+        definitions.append(
+            GraphDefinition(
+                "autoencoder",
+                AutoencoderGraph(model),
+                (torch.zeros(sources, length, base_width),),
+                {"hidden_states": ["batch", "source_length", base_width]},
+                {"memory": ["batch", "source_length", config.d_model]},
+                {"hidden_states": "float"},
+            )
+        )
+    definitions.append(
+        GraphDefinition(
+            "cross_kv",
+            CrossKVGraph(model),
+            (memory,),
+            {"memory": ["batch", "source_length", config.d_model]},
+            {"cross_kv": _kv("batch", "source_length", dims)},
+            {"memory": "float"},
+        )
+    )
+    past = torch.zeros(dims["layers"], 2, batch * 2, dims["heads"], 3, dims["head_dim"])
+    cross = torch.zeros(dims["layers"], 2, sources, dims["heads"], length, dims["head_dim"])
+    definitions.append(
+        GraphDefinition(
+            "decoder_step",
+            DecoderStepGraph(model),
+            (torch.tensor([[2], [0], [5], [6]]), past, cross, mask),
+            {
+                "input_ids": ["decoder_batch", "target_length"],
+                "past_kv": _kv("decoder_batch", "past_length", dims),
+                "cross_kv": _kv("batch", "source_length", dims),
+                "encoder_attention_mask": ["batch", "source_length"],
+            },
+            {
+                "logits": ["decoder_batch", "target_length", config.vocab_size],
+                "present_kv": _kv("decoder_batch", "past_length + target_length", dims),
+            },
+            {"input_ids": "int64", "past_kv": "float", "cross_kv": "float", "encoder_attention_mask": "int64"},
+        )
+    )
+    return definitions
+
+
+def export_graph(definition: GraphDefinition, directory: Path, opset: int) -> GraphSpec:
+    """Trace ``definition`` to ``directory/<name>.onnx`` (external data only when over 2 GB)."""
+    path = directory / f"{definition.name}.onnx"
+    dynamic_axes = {
+        name: {axis: label for axis, label in enumerate(shape) if isinstance(label, str)}
+        for name, shape in {**definition.inputs, **definition.outputs}.items()
+    }
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            definition.module.eval(),
+            definition.example,
+            str(path),
+            input_names=list(definition.inputs),
+            output_names=list(definition.outputs),
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    proto = onnx.load(str(path))
+    if proto.ByteSize() > TWO_GIB:
+        onnx.save(proto, str(path), save_as_external_data=True, location=f"{definition.name}.onnx.data")
+    return describe(definition, path.name)
+
+
+def describe(definition: GraphDefinition, file: str, float_dtype: str = "float32") -> GraphSpec:
+    def dtype(name: str) -> str:
+        declared = definition.input_dtypes.get(name, "float")
+        return float_dtype if declared == "float" else declared
+
+    return GraphSpec(
+        file=file,
+        inputs=[TensorSpec(name, dtype(name), shape) for name, shape in definition.inputs.items()],
+        outputs=[TensorSpec(name, float_dtype, shape) for name, shape in definition.outputs.items()],
+    )

@@ -1,0 +1,61 @@
+"""Graph variants built from the fp32 export: ORT transformer fusions, fp16, dynamic int8."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import onnx
+
+logger = logging.getLogger(__name__)
+
+
+def fused_operator_counts(path: Path) -> dict[str, int]:
+    """Operators in a graph that come from ONNX Runtime's contrib (fused) op set."""
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(Counter(node.op_type for node in model.graph.node if node.domain == "com.microsoft"))
+
+
+def optimize_graph(path: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
+    """Apply ONNX Runtime's transformer fusions in place; return what fused (op type -> count)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bart")
+    optimized = optimize_model(
+        str(path),
+        model_type="bart",
+        num_heads=num_heads,
+        hidden_size=hidden_size,
+        optimization_options=options,
+        opt_level=0,
+    )
+    optimized.save_model_to_file(str(path))
+    return fused_operator_counts(path)
+
+
+def convert_to_fp16(path: Path) -> None:
+    """fp16 weights and math with fp32 graph inputs/outputs kept where they are floats.
+
+    BART's LayerNorm and residual sums overflow in fp16, so LayerNormalization, Softmax and the
+    ops feeding them stay fp32 (op_block_list); the runtime feeds float32 and reads float32.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path))
+    converted = convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        op_block_list=["LayerNormalization", "SkipLayerNormalization", "Softmax", "Pow", "ReduceMean", "Sqrt", "Div"],
+    )
+    onnx.save(converted, str(path))
+
+
+def quantize_int8(path: Path) -> None:
+    """Dynamic int8 quantization of MatMul/Gemm weights (activations quantized on the fly): CPU-oriented."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = path.with_suffix(".int8.onnx")
+    quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    quantized.replace(path)

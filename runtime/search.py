@@ -1,0 +1,260 @@
+"""Search algorithms (greedy, beam search, sampling) and logits processors, written once in NumPy.
+
+They drive any backend through :class:`DecoderSession` and reproduce transformers'
+``generate()`` semantics -- processor order, length penalty, early stopping heuristics, padding
+after EOS, output trimming -- so that fp32 graphs yield exactly the token ids of
+``model.generate()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+NEG_INF = np.float32(-np.inf)
+BIG_NEGATIVE = np.float32(-1.0e9)
+
+
+class DecoderSession(Protocol):
+    """The decoder state of one request batch, owned by a backend.
+
+    Rows are grouped by source: with ``N`` sources and ``K`` rows per source, rows
+    ``[n*K, (n+1)*K)`` decode source ``n`` (the cross-attention K/V is stored once per source).
+    """
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed ``tokens`` [rows, 1]; return next-token logits [rows, vocab] (float32)."""
+        ...
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Keep the self-attention cache of ``rows`` (beam search), in that order."""
+        ...
+
+
+@dataclass
+class GenerationSettings:
+    """transformers' generation parameters; lengths count the decoder start token, as there."""
+
+    max_length: int
+    eos_token_id: int
+    pad_token_id: int
+    decoder_start_token_id: int
+    min_length: int = 0
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    do_sample: bool = False
+    top_k: int = 50
+    top_p: float = 1.0
+    temperature: float = 1.0
+    num_return_sequences: int = 1
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_length < 2:
+            raise ValueError(f"max_length must allow at least one new token, got {self.max_length}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise ValueError(
+                f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})"
+            )
+        if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
+            raise ValueError("greedy search returns one sequence per input; use num_beams or do_sample")
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError("beam sampling (do_sample with num_beams > 1) is not supported; pick one of them")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def process_scores(scores: np.ndarray, sequences: np.ndarray, settings: GenerationSettings) -> np.ndarray:
+    """Apply the logits processors in transformers' order (in place on a float32 copy)."""
+    scores = np.array(scores, dtype=np.float32, copy=True)
+    cur_len = sequences.shape[1]
+    if settings.repetition_penalty != 1.0:
+        _repetition_penalty(scores, sequences, settings.repetition_penalty)
+    if settings.no_repeat_ngram_size > 0:
+        _no_repeat_ngram(scores, sequences, settings.no_repeat_ngram_size)
+    if settings.min_length > 0 and cur_len < settings.min_length:
+        scores[:, settings.eos_token_id] = NEG_INF
+    if settings.min_new_tokens > 0 and cur_len - 1 < settings.min_new_tokens:
+        scores[:, settings.eos_token_id] = NEG_INF
+    if settings.forced_bos_token_id is not None and cur_len == 1:
+        scores[:] = NEG_INF
+        scores[:, settings.forced_bos_token_id] = 0
+    if settings.forced_eos_token_id is not None and cur_len == settings.max_length - 1:
+        scores[:] = NEG_INF
+        scores[:, settings.forced_eos_token_id] = 0
+    return scores
+
+
+def _repetition_penalty(scores: np.ndarray, sequences: np.ndarray, penalty: float) -> None:
+    for row in range(scores.shape[0]):
+        tokens = np.unique(sequences[row])
+        values = scores[row, tokens]
+        scores[row, tokens] = np.where(values < 0, values * penalty, values / penalty)
+
+
+def _no_repeat_ngram(scores: np.ndarray, sequences: np.ndarray, size: int) -> None:
+    cur_len = sequences.shape[1]
+    if cur_len + 1 < size:
+        return
+    for row in range(scores.shape[0]):
+        tokens = sequences[row].tolist()
+        prefix = tuple(tokens[cur_len - size + 1 :])
+        banned = [
+            tokens[start + size - 1]
+            for start in range(cur_len - size + 1)
+            if tuple(tokens[start : start + size - 1]) == prefix
+        ]
+        if banned:
+            scores[row, banned] = NEG_INF
+
+
+def _warp_for_sampling(scores: np.ndarray, settings: GenerationSettings) -> np.ndarray:
+    if settings.temperature != 1.0:
+        scores = scores / np.float32(settings.temperature)
+    if settings.top_k:
+        k = min(settings.top_k, scores.shape[-1])
+        kth = np.partition(scores, -k, axis=-1)[:, -k][:, None]
+        scores = np.where(scores < kth, NEG_INF, scores)
+    if settings.top_p < 1.0:
+        order = np.argsort(scores, axis=-1, kind="stable")
+        ordered = np.take_along_axis(scores, order, axis=-1)
+        cumulative = np.cumsum(_softmax(ordered), axis=-1)
+        remove = cumulative <= (1 - settings.top_p)
+        remove[:, -1] = False
+        ordered = np.where(remove, NEG_INF, ordered)
+        scores = np.empty_like(scores)
+        np.put_along_axis(scores, order, ordered, axis=-1)
+    return scores
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float32, copy=False)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def greedy_or_sample(
+    session: DecoderSession,
+    rows: int,
+    settings: GenerationSettings,
+    on_step: Callable[[np.ndarray], None] | None = None,
+) -> np.ndarray:
+    """Greedy search or multinomial sampling; ``on_step`` receives each new column of tokens."""
+    rng = np.random.default_rng(settings.seed)
+    sequences = np.full((rows, 1), settings.decoder_start_token_id, dtype=np.int64)
+    unfinished = np.ones(rows, dtype=bool)
+    while True:
+        scores = process_scores(session.step(sequences[:, -1:]), sequences, settings)
+        if settings.do_sample:
+            probabilities = _softmax(_warp_for_sampling(scores, settings)).astype(np.float64)
+            probabilities /= probabilities.sum(axis=-1, keepdims=True)
+            tokens = np.array([rng.choice(len(p), p=p) for p in probabilities], dtype=np.int64)
+        else:
+            tokens = scores.argmax(axis=-1).astype(np.int64)
+        tokens = np.where(unfinished, tokens, settings.pad_token_id)
+        sequences = np.concatenate([sequences, tokens[:, None]], axis=1)
+        if on_step is not None:
+            on_step(tokens)
+        unfinished &= tokens != settings.eos_token_id
+        if not unfinished.any() or sequences.shape[1] >= settings.max_length:
+            return sequences
+
+
+def _top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Descending top-k along the last axis; ties keep the lower index first."""
+    order = np.argsort(-values, axis=-1, kind="stable")[..., :k]
+    return np.take_along_axis(values, order, axis=-1), order
+
+
+def _gather(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    return np.take_along_axis(values, indices.reshape(indices.shape + (1,) * (values.ndim - 2)), axis=1)
+
+
+def beam_search(session: DecoderSession, sources: int, settings: GenerationSettings) -> np.ndarray:
+    """transformers' vectorised beam search, step for step (see ``GenerationMixin._beam_search``)."""
+    beams, max_length, prompt = settings.num_beams, settings.max_length, 1
+    keep = 2 * beams  # beams_to_keep = max(2, 1 + number of EOS ids) * num_beams
+    top_beam_mask = np.arange(keep) < beams
+    fill = settings.pad_token_id if settings.pad_token_id else settings.eos_token_id
+    running = np.full((sources, beams, max_length), fill, dtype=np.int64)
+    running[:, :, 0] = settings.decoder_start_token_id
+    finished_sequences = running.copy()
+    running_scores = np.zeros((sources, beams), dtype=np.float32)
+    running_scores[:, 1:] = BIG_NEGATIVE
+    finished_scores = np.full((sources, beams), BIG_NEGATIVE, dtype=np.float32)
+    is_finished = np.zeros((sources, beams), dtype=bool)
+    improvable = np.ones((sources, 1), dtype=bool)
+    running_indices = np.full((sources, beams, max_length - prompt), -1, dtype=np.int64)
+    finished_indices = running_indices.copy()
+    offsets = (np.arange(sources) * beams)[:, None]
+    cur_len = prompt
+    while True:
+        flat = running[:, :, :cur_len].reshape(sources * beams, cur_len)
+        log_probs = process_scores(log_softmax(session.step(flat[:, -1:])), flat, settings)
+        vocab = log_probs.shape[-1]
+        log_probs = (log_probs.reshape(sources, beams, vocab) + running_scores[:, :, None]).reshape(sources, -1)
+
+        top_scores, top_flat = _top_k(log_probs, keep)
+        top_beams, top_tokens = top_flat // vocab, top_flat % vocab
+        top_sequences = _gather(running, top_beams)
+        top_sequences[:, :, cur_len] = top_tokens
+        top_indices = _gather(running_indices, top_beams)
+        top_indices[:, :, cur_len - prompt] = top_beams + offsets
+        hits = (top_tokens == settings.eos_token_id) | (cur_len + 1 >= max_length)
+
+        masked = top_scores + hits.astype(np.float32) * BIG_NEGATIVE
+        _, next_beams = _top_k(masked, beams)
+        running = _gather(top_sequences, next_beams)
+        running_scores = _gather(masked, next_beams)
+        running_indices = _gather(top_indices, next_beams)
+
+        just_finished = hits & top_beam_mask[None, :]
+        candidate = top_scores / np.float32((cur_len + 1 - prompt) ** settings.length_penalty)
+        full = is_finished.all(axis=-1, keepdims=True) & (settings.early_stopping is True)
+        candidate = candidate + full.astype(np.float32) * BIG_NEGATIVE
+        candidate = candidate + (~improvable).astype(np.float32) * BIG_NEGATIVE
+        candidate = candidate + (~just_finished).astype(np.float32) * BIG_NEGATIVE
+        merged_scores = np.concatenate([finished_scores, candidate], axis=1)
+        _, chosen = _top_k(merged_scores, beams)
+        finished_sequences = _gather(np.concatenate([finished_sequences, top_sequences], axis=1), chosen)
+        finished_scores = _gather(merged_scores, chosen)
+        finished_indices = _gather(np.concatenate([finished_indices, top_indices], axis=1), chosen)
+        is_finished = _gather(np.concatenate([is_finished, just_finished], axis=1), chosen)
+
+        session.reorder(running_indices[:, :, cur_len - prompt].reshape(-1))
+        cur_len += 1
+        if settings.early_stopping == "never" and settings.length_penalty > 0.0:
+            best_length = max_length - prompt
+        else:
+            best_length = cur_len - prompt
+        best_running = running_scores[:, :1] / np.float32(best_length**settings.length_penalty)
+        worst_finished = np.where(is_finished, finished_scores.min(axis=1, keepdims=True), BIG_NEGATIVE)
+        improvable = improvable & (best_running > worst_finished).any(axis=-1, keepdims=True)
+        still_open = not (is_finished.all() and settings.early_stopping is True)
+        if not (improvable.any() and still_open and not hits.all()):
+            break
+
+    returned = settings.num_return_sequences
+    sequences = finished_sequences[:, :returned].reshape(sources * returned, max_length)
+    indices = finished_indices[:, :returned].reshape(sources * returned, -1)
+    generated = int((indices + 1).astype(bool).sum(axis=1).max())
+    return sequences[:, : prompt + generated]
