@@ -222,6 +222,149 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from exporter.export import ExportOptions, export_onnx, export_tensorrt
+
+    options = ExportOptions(
+        opset=args.opset,
+        fuse_encoder=args.fuse_encoder,
+        optimize=args.optimize,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        verify=not args.no_verify,
+        tokenizer=args.tokenizer,
+        overwrite=args.overwrite,
+        threads=args.threads,
+        timing_cache=args.timing_cache,
+        progress=not args.no_progress,
+    )
+    if args.to == "trt":
+        from exporter.engine_profiles import EngineLimits
+
+        limits = EngineLimits(
+            max_batch=args.max_batch,
+            opt_batch=args.opt_batch,
+            max_source_length=args.max_source_length,
+            opt_source_length=args.opt_source_length,
+            max_new_tokens=args.max_new_tokens,
+            opt_new_tokens=args.opt_new_tokens,
+            beams=args.beams,
+            fp16=args.fp16,
+            bf16=args.bf16,
+        )
+        result = export_tensorrt(args.checkpoint, args.out, limits, options)
+    else:
+        if args.fp16 or args.bf16:
+            raise ValueError("--fp16/--bf16 are TensorRT build flags; for ONNX use --dtype fp16")
+        result = export_onnx(args.checkpoint, args.out, options)
+    _print_export_report(result)
+    return 0
+
+
+def _print_export_report(result: Any) -> None:
+    verification = result.manifest.verification
+    for name, numbers in verification.get("outputs", {}).items():
+        print(f"  {name:32s} max abs {numbers['max_abs']:.2e}  max rel {numbers['max_rel']:.2e}")
+    if verification:
+        print(
+            f"  greedy ids identical to PyTorch: {verification['greedy_identical']}, "
+            f"token agreement {100 * verification['token_agreement']:.1f}%"
+        )
+    for graph, counts in result.fused.items():
+        fused = ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())) or "nothing"
+        print(f"  fused in {graph}: {fused}")
+    print(f"wrote {result.manifest.backend} export ({result.manifest.precision}) to {result.directory}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from exporter.export import load_model
+    from exporter.verify import Tolerance, compare_generation, compare_graphs
+    from runtime.generator import Seq2SeqRuntime
+    from runtime.manifest import read_manifest
+
+    manifest = read_manifest(args.directory)
+    print(f"{args.directory}: format {manifest.format_version}, {len(manifest.files)} files, sha256 OK")
+    if args.ckpt is None:
+        runtime = Seq2SeqRuntime.from_dir(args.directory, check_files=False)
+        out = runtime.generate([[manifest.tokens.bos, 4, 5, 6, manifest.tokens.eos]], max_new_tokens=4)
+        print(f"graphs load and generate ({out.sequences[0]}); pass --ckpt CKPT to compare with PyTorch")
+        return 0
+    model = load_model(args.ckpt)
+    tolerance = Tolerance.for_variant(
+        manifest.precision if manifest.precision in ("fp16", "bf16") else "fp32",
+        "int8" if manifest.precision == "int8" else None,
+    )
+    report = compare_graphs(model, args.directory, tolerance)
+    compare_generation(model, args.directory, report)
+    if tolerance.exact_tokens and report.greedy_identical != report.greedy_cases:
+        report.passed = False
+    for name, numbers in report.summary()["outputs"].items():
+        print(f"  {name:32s} max abs {numbers['max_abs']:.2e}  max rel {numbers['max_rel']:.2e}")
+    print(f"  greedy ids identical to PyTorch: {report.greedy_identical}/{report.greedy_cases}")
+    if not report.passed:
+        print("verification FAILED:\n  " + "\n  ".join(report.failures()), file=sys.stderr)
+        return 1
+    print("verification passed")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from runtime.generator import Seq2SeqRuntime
+
+    runtime = Seq2SeqRuntime.from_dir(args.directory, backend=args.backend, device=args.device, threads=args.threads)
+    settings = {
+        "max_new_tokens": args.max_new_tokens,
+        "min_new_tokens": args.min_new_tokens,
+        "num_beams": args.num_beams,
+        "length_penalty": args.length_penalty,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "do_sample": args.do_sample or None,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "temperature": args.temperature,
+        "seed": args.seed,
+    }
+    if args.input is None:
+        if args.text is None:
+            raise ValueError("give a TEXT argument or --input FILE.jsonl")
+        output = runtime.generate(args.text, **settings)
+        print(output.texts[0] if output.texts else output.sequences[0])
+        _print_timing(args, output.timings)
+        return 0
+    rows = [json.loads(line) for line in Path(args.input).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{args.input} has no rows")
+    if args.field not in rows[0]:
+        raise KeyError(f"field {args.field!r} not in {args.input}; available fields: {sorted(rows[0])}")
+    destination = Path(args.output) if args.output else None
+    lines: list[str] = []
+    totals = {"encode_s": 0.0, "decode_s": 0.0, "total_s": 0.0}
+    for start in range(0, len(rows), args.batch_size):
+        batch = rows[start : start + args.batch_size]
+        output = runtime.generate([row[args.field] for row in batch], **settings)
+        for key in totals:
+            totals[key] += output.timings[key]
+        results = output.texts or output.sequences
+        for row, result in zip(batch, results, strict=True):
+            lines.append(json.dumps({**row, "generated": result}, ensure_ascii=False))
+    if destination is None:
+        print("\n".join(lines))
+    else:
+        tmp = destination.with_name(f".{destination.name}.tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.replace(destination)
+        print(f"wrote {len(lines)} generations to {destination}")
+    _print_timing(args, totals)
+    return 0
+
+
+def _print_timing(args: argparse.Namespace, timings: dict[str, float]) -> None:
+    if args.timing:
+        print(" ".join(f"{key}={value:.3f}" for key, value in timings.items()), file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbart", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -286,6 +429,66 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_argument("--min-length", type=int, default=None)
     generation.add_argument("--max-length", type=int, default=None)
     train.set_defaults(run=cmd_train)
+
+    export = commands.add_parser("export", help="export a checkpoint to verified ONNX graphs or TensorRT engines")
+    export.add_argument("checkpoint", help="a compressed checkpoint (or a plain BART directory)")
+    export.add_argument("--to", choices=("onnx", "trt"), default="onnx")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--fuse-encoder", action="store_true", help="encoder + autoencoder as one graph")
+    export.add_argument("--optimize", action="store_true", help="ONNX Runtime transformer fusions")
+    export.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX precision")
+    export.add_argument("--quantize", choices=("int8",), default=None, help="dynamic int8 for CPU")
+    export.add_argument("--no-verify", action="store_true", help="skip the parity checks against PyTorch")
+    export.add_argument(
+        "--tokenizer", default=None, help="tokenizer to copy into the export (default: the checkpoint's)"
+    )
+    export.add_argument("--threads", type=int, default=None)
+    export.add_argument("--no-progress", action="store_true")
+    trt = export.add_argument_group("TensorRT (--to trt)")
+    trt.add_argument("--max-batch", type=int, default=8)
+    trt.add_argument("--opt-batch", type=int, default=1)
+    trt.add_argument("--max-source-length", type=int, default=1024)
+    trt.add_argument("--opt-source-length", type=int, default=512)
+    trt.add_argument("--max-new-tokens", type=int, default=144)
+    trt.add_argument("--opt-new-tokens", type=int, default=64)
+    trt.add_argument("--beams", type=int, default=4)
+    trt.add_argument("--fp16", action="store_true")
+    trt.add_argument("--bf16", action="store_true")
+    trt.add_argument("--timing-cache", default=None, help="reuse/update this TensorRT timing cache file")
+    export.set_defaults(run=cmd_export)
+
+    verify = commands.add_parser("verify", help="re-check an export directory (and compare with PyTorch)")
+    verify.add_argument("directory", type=Path)
+    verify.add_argument("--ckpt", default=None, help="the checkpoint it was exported from")
+    verify.set_defaults(run=cmd_verify)
+
+    generate = commands.add_parser("generate", help="generate with an export directory")
+    generate.add_argument("directory", type=Path)
+    generate.add_argument("text", nargs="?", default=None)
+    generate.add_argument("--input", default=None, help="JSON lines file (batched)")
+    generate.add_argument("--output", default=None, help="JSON lines output (default: stdout)")
+    generate.add_argument("--field", default="source", help="input field holding the text")
+    generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    generate.add_argument("--device", default="cpu", help="cpu, cuda or tensorrt (ONNX Runtime providers)")
+    generate.add_argument("--threads", type=int, default=None)
+    generate.add_argument("--timing", action="store_true", help="print encode/decode/total seconds to stderr")
+    for flag, kind in (
+        ("--max-new-tokens", int),
+        ("--min-new-tokens", int),
+        ("--num-beams", int),
+        ("--length-penalty", float),
+        ("--no-repeat-ngram-size", int),
+        ("--top-k", int),
+        ("--top-p", float),
+        ("--temperature", float),
+        ("--seed", int),
+    ):
+        generate.add_argument(flag, type=kind, default=None)
+    generate.add_argument("--do-sample", action="store_true")
+    generate.set_defaults(run=cmd_generate)
     return parser
 
 
@@ -310,10 +513,12 @@ def _add_latent_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from compression.checkpoint import CheckpointError
+    from exporter.export import ExportError
+    from runtime.manifest import ExportDirectoryError
 
     try:
         return int(args.run(args))
-    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as error:
+    except (CheckpointError, ExportError, ExportDirectoryError, FileNotFoundError, KeyError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         return 2

@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BartForConditionalGeneration
 
 from compression.checkpoint import atomic_directory, is_compressed_checkpoint, load_compressed_model
-from exporter.onnx_export import describe, export_graph, graph_definitions
+from exporter.onnx_export import export_graph, graph_definitions
 from exporter.variants import convert_to_fp16, optimize_graph, quantize_int8
 from exporter.verify import Tolerance, VerificationReport, compare_generation, compare_graphs
 from runtime.manifest import MANIFEST, Manifest, ModelDims, SpecialTokens, file_entries
+
+if TYPE_CHECKING:
+    from exporter.engine_profiles import EngineLimits as EngineLimitsLike
+else:
+    EngineLimitsLike = Any
 
 GENERATION_FIELDS = (
     "max_length",
@@ -47,6 +54,8 @@ class ExportOptions:
     tokenizer: str | None = None
     overwrite: bool = False
     threads: int | None = None
+    timing_cache: str | None = None
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.opset < 17:
@@ -163,71 +172,142 @@ def _copy_tokenizer(checkpoint: str | Path, tokenizer: str | None, destination: 
     return (destination / "tokenizer.json").is_file()
 
 
+def _write_onnx(
+    model: BartForConditionalGeneration,
+    checkpoint: str | Path,
+    tmp: Path,
+    options: ExportOptions,
+    log: Callable[..., None],
+) -> tuple[Manifest, dict[str, dict[str, int]]]:
+    """Export, optimise/convert/quantise the graphs into ``tmp`` and write their manifest."""
+    graphs = {}
+    fused: dict[str, dict[str, int]] = {}
+    dims = model_dims(model)
+    for definition in tqdm(
+        graph_definitions(model, options.fuse_encoder), desc="exporting graphs", disable=not options.progress
+    ):
+        graphs[definition.name] = export_graph(definition, tmp, options.opset)
+        path = tmp / graphs[definition.name].file
+        if options.optimize:
+            is_encoder = definition.name == "encoder"
+            heads = model.config.encoder_attention_heads if is_encoder else model.config.decoder_attention_heads
+            fused[definition.name] = optimize_graph(path, heads, dims.base_width if is_encoder else dims.latent_width)
+        if options.dtype == "fp16":
+            convert_to_fp16(path)
+        if options.quantize == "int8":
+            quantize_int8(path)
+    has_tokenizer = _copy_tokenizer(checkpoint, options.tokenizer, tmp / "tokenizer")
+    if not has_tokenizer:
+        shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
+    manifest = Manifest(
+        model=dims,
+        tokens=special_tokens(model),
+        graphs=graphs,
+        files={},
+        generation=generation_defaults(model),
+        precision=options.precision,
+        backend="onnx",
+        tokenizer_dir="tokenizer" if has_tokenizer else None,
+        versions=versions(),
+    )
+    _write_manifest(tmp, manifest)
+    return manifest, fused
+
+
+def _write_manifest(directory: Path, manifest: Manifest) -> None:
+    manifest.files = file_entries(directory)
+    (directory / MANIFEST).write_text(manifest.to_json())
+
+
+def _verify(
+    model: BartForConditionalGeneration,
+    directory: Path,
+    manifest: Manifest,
+    options: ExportOptions,
+    log: Callable[..., None],
+) -> VerificationReport:
+    log("verifying against PyTorch ...")
+    tolerance = Tolerance.for_variant(options.dtype, options.quantize)
+    report = compare_graphs(model, directory, tolerance, options.threads)
+    compare_generation(model, directory, report, options.threads)
+    if tolerance.exact_tokens and report.greedy_identical != report.greedy_cases:
+        report.passed = False
+    if not report.passed:
+        raise ExportError("export verification failed, nothing was written:\n  " + "\n  ".join(report.failures()))
+    manifest.verification = report.summary()
+    _write_manifest(directory, manifest)
+    return report
+
+
+def _check_destination(out: Path, options: ExportOptions) -> None:
+    if out.exists() and not options.overwrite:
+        raise ExportError(f"{out} already exists; choose another --out or pass --overwrite")
+
+
 def export_onnx(
-    checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None, log=print
+    checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None, log: Callable[..., None] = print
 ) -> ExportResult:
     """Export, optimise/convert/quantise, verify and write ``out`` atomically."""
     options = options or ExportOptions()
     out = Path(out)
-    if out.exists() and not options.overwrite:
-        raise ExportError(f"{out} already exists; choose another --out or pass --overwrite")
+    _check_destination(out, options)
     model = load_model(checkpoint)
-    tolerance = Tolerance.for_variant(options.dtype, options.quantize)
     result: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
-        graphs = {}
-        fused: dict[str, dict[str, int]] = {}
-        float_dtype = "float16" if options.dtype == "fp16" else "float32"
-        for definition in graph_definitions(model, options.fuse_encoder):
-            log(f"exporting {definition.name} ...")
-            graphs[definition.name] = export_graph(definition, tmp, options.opset)
-            path = tmp / graphs[definition.name].file
-            if options.optimize:
-                width = model.config.d_model if definition.name != "encoder" else model_dims(model).base_width
-                heads = (
-                    model.config.decoder_attention_heads
-                    if definition.name != "encoder"
-                    else model.config.encoder_attention_heads
-                )
-                fused[definition.name] = optimize_graph(path, heads, width)
-            if options.dtype == "fp16":
-                convert_to_fp16(path)
-            if options.quantize == "int8":
-                quantize_int8(path)
-            graphs[definition.name] = describe(
-                definition, path.name, "float32" if options.dtype == "fp16" else float_dtype
-            )
-        has_tokenizer = _copy_tokenizer(checkpoint, options.tokenizer, tmp / "tokenizer")
-        if not has_tokenizer:
-            shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
-        manifest = Manifest(
-            model=model_dims(model),
-            tokens=special_tokens(model),
-            graphs=graphs,
-            files={},
-            generation=generation_defaults(model),
-            precision=options.precision,
-            backend="onnx",
-            tokenizer_dir="tokenizer" if has_tokenizer else None,
-            versions=versions(),
-        )
-        manifest.files = file_entries(tmp)
-        (tmp / MANIFEST).write_text(manifest.to_json())
-        report = None
-        if options.verify:
-            log("verifying against PyTorch ...")
-            report = compare_graphs(model, tmp, tolerance, options.threads)
-            compare_generation(model, tmp, report, options.threads)
-            if tolerance.exact_tokens and report.greedy_identical != report.greedy_cases:
-                report.passed = False
-            if not report.passed:
-                raise ExportError(
-                    "export verification failed, nothing was written:\n  " + "\n  ".join(report.failures())
-                )
-            manifest.verification = report.summary()
-            (tmp / MANIFEST).write_text(manifest.to_json())
+        manifest, fused = _write_onnx(model, checkpoint, tmp, options, log)
+        report = _verify(model, tmp, manifest, options, log) if options.verify else None
         result.update(manifest=manifest, report=report, fused=fused)
 
     atomic_directory(out, write)
     return ExportResult(out, result["manifest"], result["report"], result["fused"])
+
+
+def export_tensorrt(
+    checkpoint: str | Path,
+    out: str | Path,
+    limits: EngineLimitsLike,
+    options: ExportOptions | None = None,
+    log: Callable[..., None] = print,
+) -> ExportResult:
+    """fp32 ONNX graphs (verified on ONNX Runtime), then one TensorRT engine per graph.
+
+    Fails before touching the disk when TensorRT or a GPU is missing.
+    """
+    from runtime.trt_support import TensorRTUnavailable, require_tensorrt
+
+    options = options or ExportOptions()
+    out = Path(out)
+    try:
+        require_tensorrt()
+    except TensorRTUnavailable as error:
+        raise ExportError(f"cannot build TensorRT engines: {error}. Nothing was written.") from error
+    if options.dtype != "fp32" or options.quantize:
+        raise ExportError("for --to trt choose precision with --fp16/--bf16; --dtype/--quantize apply to ONNX exports")
+    _check_destination(out, options)
+    from exporter.tensorrt_build import build_engine, engine_metadata
+
+    model = load_model(checkpoint)
+    result: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        staging = tmp / "onnx"
+        staging.mkdir()
+        manifest, _ = _write_onnx(model, checkpoint, staging, options, log)
+        report = _verify(model, staging, manifest, options, log) if options.verify else None
+        timing_cache = Path(options.timing_cache) if options.timing_cache else tmp / "timing.cache"
+        for name, spec in tqdm(manifest.graphs.items(), desc="building TensorRT engines", disable=not options.progress):
+            engine = tmp / f"{name}.plan"
+            build_engine(staging / spec.file, engine, spec, limits, timing_cache)
+            spec.file = engine.name
+        if (staging / "tokenizer").is_dir():
+            shutil.move(staging / "tokenizer", tmp / "tokenizer")
+        shutil.rmtree(staging)
+        manifest.backend = "tensorrt"
+        manifest.precision = "fp16" if limits.fp16 else "bf16" if limits.bf16 else "fp32"
+        manifest.engine = engine_metadata(limits)
+        _write_manifest(tmp, manifest)
+        result.update(manifest=manifest, report=report)
+
+    atomic_directory(out, write)
+    return ExportResult(out, result["manifest"], result["report"])

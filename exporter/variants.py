@@ -8,8 +8,6 @@ from pathlib import Path
 
 import onnx
 
-logger = logging.getLogger(__name__)
-
 
 def fused_operator_counts(path: Path) -> dict[str, int]:
     """Operators in a graph that come from ONNX Runtime's contrib (fused) op set."""
@@ -57,5 +55,13 @@ def quantize_int8(path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantized = path.with_suffix(".int8.onnx")
-    quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs advice about pre-processing on the root logger
+    try:
+        quantize_dynamic(
+            str(path), str(quantized), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+        )
+    finally:
+        root.setLevel(level)
     quantized.replace(path)

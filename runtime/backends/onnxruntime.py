@@ -58,7 +58,6 @@ class OnnxRuntimeBackend:
         self._ort_device = "cuda" if device != "cpu" else "cpu"
         dims = manifest.model
         self._empty_cache_shape = (dims.decoder_layers, 2, 0, dims.decoder_attention_heads, 0, dims.head_dim)
-        self._float = np.float16 if manifest.precision == "fp16" else np.float32
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncodedBatch:
         states = self.sessions["encoder"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
@@ -79,7 +78,7 @@ class OrtDecoderSession:
         self.device = backend._ort_device
         shape = list(backend._empty_cache_shape)
         shape[2] = rows
-        self.past = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=backend._float), self.device)
+        self.past = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32), self.device)
         self.binding = self.session.io_binding()
         self.cross = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(encoded.cross_kv), self.device)
         self.mask = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(encoded.attention_mask), self.device)

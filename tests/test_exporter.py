@@ -1,0 +1,246 @@
+"""``cbart export``: the export directory contract, built-in verification, variants, failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import random_batch, tiny_bart_config, tiny_compressed
+from transformers import BartForConditionalGeneration
+
+from cbart.cli import main
+from compression import save_checkpoint
+from exporter import verify as verify_module
+from exporter.export import ExportError, ExportOptions, export_onnx, export_tensorrt
+from exporter.graphs import AutoencoderGraph
+from runtime.generator import Seq2SeqRuntime
+from runtime.manifest import FORMAT_VERSION, read_manifest, sha256_of
+
+
+def quiet(*_: object) -> None:
+    return None
+
+
+def options(**overrides) -> ExportOptions:
+    return ExportOptions(progress=False, **overrides)
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    return save_checkpoint(tiny_compressed("paper", seed=2), tmp_path / "ckpt")
+
+
+def test_export_directory_contract(checkpoint: Path, tmp_path: Path, bart_tokenizer):
+    bart_tokenizer.save_pretrained(tmp_path / "tok")
+    result = export_onnx(checkpoint, tmp_path / "onnx", options(tokenizer=str(tmp_path / "tok")), log=quiet)
+    directory = result.directory
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["format"] == "cbart-export" and manifest["format_version"] == FORMAT_VERSION
+    assert set(manifest["graphs"]) == {"encoder", "autoencoder", "cross_kv", "decoder_step"}
+    for name, entry in manifest["files"].items():
+        assert sha256_of(directory / name) == entry["sha256"]
+    step = manifest["graphs"]["decoder_step"]
+    assert [t["name"] for t in step["inputs"]] == ["input_ids", "past_kv", "cross_kv", "encoder_attention_mask"]
+    assert step["inputs"][1]["shape"] == [2, 2, "decoder_batch", 4, "past_length", 4]
+    assert step["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["decoder_batch", "target_length", 96]}
+    assert manifest["model"] == {
+        "architecture": "compressed_bart",
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "decoder_attention_heads": 4,
+        "head_dim": 4,
+        "base_width": 32,
+        "latent_width": 16,
+        "latent_sizes": [24, 16],
+        "autoencoder_variant": "paper",
+        "vocab_size": 96,
+        "max_source_positions": 40,
+        "max_target_positions": 40,
+    }
+    assert manifest["tokens"] == {"bos": 0, "pad": 1, "eos": 2, "decoder_start": 2, "forced_bos": None, "forced_eos": 2}
+    assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "transformers"}
+    assert manifest["verification"]["passed"] and manifest["verification"]["greedy_identical"] == "4/4"
+    assert (directory / "tokenizer" / "tokenizer.json").is_file()
+    for spec in manifest["graphs"].values():
+        graph = onnx.load(str(directory / spec["file"]))
+        assert graph.opset_import[0].version >= 17
+        assert not [node for node in graph.graph.node if node.op_type == "If"]  # TensorRT cannot build If
+
+
+def test_paper_autoencoder_graph_is_sliced_to_the_actual_length(checkpoint: Path, tmp_path: Path):
+    export_onnx(checkpoint, tmp_path / "onnx", options(), log=quiet)
+    model = tiny_compressed("paper", seed=2)
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "autoencoder.onnx"))
+    for length in (1, 3, 40):
+        hidden = torch.randn(2, length, 32)
+        expected = AutoencoderGraph(model)(hidden).detach().numpy()
+        np.testing.assert_allclose(session.run(None, {"hidden_states": hidden.numpy()})[0], expected, atol=1e-5)
+
+
+def test_decoder_step_accepts_an_empty_past_and_beam_shared_cross_kv(checkpoint: Path, tmp_path: Path):
+    export_onnx(checkpoint, tmp_path / "onnx", options(), log=quiet)
+    manifest = read_manifest(tmp_path / "onnx")
+    dims = manifest.model
+    cross = ort.InferenceSession(str(tmp_path / "onnx" / "cross_kv.onnx")).run(
+        None, {"memory": np.random.rand(2, 5, 16).astype(np.float32)}
+    )[0]
+    step = ort.InferenceSession(str(tmp_path / "onnx" / "decoder_step.onnx"))
+    empty = np.zeros((dims.decoder_layers, 2, 6, dims.decoder_attention_heads, 0, dims.head_dim), np.float32)
+    logits, present = step.run(
+        None,
+        {
+            "input_ids": np.full((6, 1), 2),
+            "past_kv": empty,
+            "cross_kv": cross,
+            "encoder_attention_mask": np.ones((2, 5), np.int64),
+        },
+    )
+    assert logits.shape == (6, 1, 96) and present.shape == (2, 2, 6, 4, 1, 4)
+    np.testing.assert_allclose(logits[0], logits[2], atol=1e-6)  # rows 0-2 share source 0
+    assert np.abs(logits[0] - logits[3]).max() > 1e-4  # row 3 reads source 1
+
+
+@pytest.mark.parametrize(
+    ("variant", "graphs"),
+    [
+        ({"optimize": True}, 4),
+        ({"quantize": "int8"}, 4),
+        ({"dtype": "fp16"}, 4),
+        ({"fuse_encoder": True}, 3),
+    ],
+)
+def test_variants_are_verified(checkpoint: Path, tmp_path: Path, variant, graphs):
+    result = export_onnx(checkpoint, tmp_path / "onnx", options(**variant), log=quiet)
+    assert len(result.manifest.graphs) == graphs
+    assert result.manifest.verification["passed"]
+    assert result.report is not None and result.report.greedy_cases == 4
+    if "optimize" in variant:
+        assert result.fused["decoder_step"].get("SkipLayerNormalization", 0) > 0
+    if "quantize" in variant:
+        assert result.manifest.precision == "int8"
+        assert 0.5 <= result.report.token_agreement <= 1.0
+        assert any(
+            n.op_type == "DynamicQuantizeLinear"
+            for n in onnx.load(str(tmp_path / "onnx" / "decoder_step.onnx")).graph.node
+        )
+    runtime = Seq2SeqRuntime.from_dir(tmp_path / "onnx")
+    assert len(runtime.generate([[0, 5, 6, 2]], num_beams=2, max_new_tokens=4).sequences) == 1
+
+
+def test_failed_verification_writes_nothing_and_reports_numbers(checkpoint: Path, tmp_path: Path, monkeypatch):
+    strict = verify_module.Tolerance(atol=0.0, rtol=0.0, exact_tokens=True)
+    monkeypatch.setattr(verify_module.Tolerance, "for_variant", classmethod(lambda cls, dtype, quantize: strict))
+    monkeypatch.setattr("exporter.export.Tolerance.for_variant", classmethod(lambda cls, dtype, quantize: strict))
+    with pytest.raises(ExportError, match=r"verification failed, nothing was written:\n  .*max abs .*max rel"):
+        export_onnx(checkpoint, tmp_path / "onnx", options(quantize="int8"), log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_existing_destination_needs_overwrite(checkpoint: Path, tmp_path: Path):
+    (tmp_path / "onnx").mkdir()
+    with pytest.raises(ExportError, match="already exists; choose another --out or pass --overwrite"):
+        export_onnx(checkpoint, tmp_path / "onnx", options(), log=quiet)
+    export_onnx(checkpoint, tmp_path / "onnx", options(overwrite=True, verify=False), log=quiet)
+    assert read_manifest(tmp_path / "onnx").verification == {}
+
+
+def test_tensorrt_without_tensorrt_fails_at_once_and_writes_nothing(checkpoint: Path, tmp_path: Path):
+    from runtime.trt_support import TensorRTUnavailable, require_tensorrt
+
+    try:
+        require_tensorrt()
+    except TensorRTUnavailable:
+        pass
+    else:
+        pytest.skip("TensorRT and a GPU are present; tests/test_tensorrt.py covers this machine")
+    from exporter.engine_profiles import EngineLimits
+
+    with pytest.raises(ExportError, match="cannot build TensorRT engines: .*Nothing was written"):
+        export_tensorrt(checkpoint, tmp_path / "trt", EngineLimits(), options(), log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert main(["export", str(checkpoint), "--to", "trt", "--out", str(tmp_path / "trt2")]) == 2
+    assert not (tmp_path / "trt2").exists()
+
+
+def test_plain_bart_exports_the_same_way(tmp_path: Path):
+    torch.manual_seed(3)
+    model = BartForConditionalGeneration(tiny_bart_config()).eval()
+    model.save_pretrained(tmp_path / "bart")
+    result = export_onnx(tmp_path / "bart", tmp_path / "onnx", options(), log=quiet)
+    assert set(result.manifest.graphs) == {"encoder", "cross_kv", "decoder_step"}
+    assert result.manifest.model.autoencoder_variant is None
+    ids, mask = random_batch([7, 4], seed=4)
+    runtime = Seq2SeqRuntime.from_dir(tmp_path / "onnx")
+    sequences = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask, strict=True)]
+    settings = {"num_beams": 3, "max_new_tokens": 10, "no_repeat_ngram_size": 2}
+    assert (
+        runtime.generate(sequences, **settings).sequences
+        == model.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
+    )
+
+
+def test_not_a_model_directory(tmp_path: Path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ExportError, match="neither a compressed BART checkpoint nor a BART directory"):
+        export_onnx(tmp_path / "x", tmp_path / "onnx", options(), log=quiet)
+
+
+def test_cli_export_verify_generate(checkpoint: Path, tmp_path: Path, bart_tokenizer, capsys):
+    out = tmp_path / "onnx"
+    assert main(["export", str(checkpoint), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "decoder_step.logits" in printed and "greedy ids identical to PyTorch: 4/4" in printed
+    assert main(["verify", str(out), "--ckpt", str(checkpoint)]) == 0
+    assert "verification passed" in capsys.readouterr().out
+    assert main(["verify", str(out)]) == 0
+    assert "sha256 OK" in capsys.readouterr().out
+    assert main(["generate", str(out), "--max-new-tokens", "3"]) == 2
+    assert "give a TEXT argument or --input" in capsys.readouterr().err
+    (out / "encoder.onnx").write_bytes(b"tampered")
+    assert main(["verify", str(out)]) == 2
+    assert "does not match its manifest" in capsys.readouterr().err
+
+
+def test_cli_generate_text_and_jsonl_with_the_real_tokenizer(tmp_path: Path, bart_tokenizer, capsys):
+    torch.manual_seed(0)
+    base = tiny_bart_config(vocab_size=len(bart_tokenizer), positions=64)
+    from compression import build_from_base
+
+    model = build_from_base(BartForConditionalGeneration(base), [24, 16], "token")
+    save_checkpoint(model, tmp_path / "ckpt", bart_tokenizer)
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "onnx"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "onnx"), "Hello world", "--max-new-tokens", "5", "--timing"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() != "" and "total_s=" in captured.err
+    (tmp_path / "in.jsonl").write_text('{"source": "Hello world"}\n{"source": "A second, longer input text."}\n')
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "onnx"),
+                "--input",
+                str(tmp_path / "in.jsonl"),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+                "--max-new-tokens",
+                "4",
+                "--num-beams",
+                "2",
+            ]
+        )
+        == 0
+    )
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [row["source"] for row in rows] == ["Hello world", "A second, longer input text."]
+    runtime = Seq2SeqRuntime.from_dir(tmp_path / "onnx")
+    expected = runtime.generate(["Hello world"], max_new_tokens=4, num_beams=2).texts
+    assert rows[0]["generated"] == expected[0]
+    ids = bart_tokenizer(["Hello world"], return_tensors="pt")
+    reference = model.generate(**ids, max_new_tokens=4, num_beams=2)
+    assert runtime.generate(["Hello world"], max_new_tokens=4, num_beams=2).sequences == reference.tolist()

@@ -1,0 +1,113 @@
+"""TensorRT engines (``cbart export --to trt``) and the TensorRT runtime backend. Needs an NVIDIA GPU.
+
+Run with ``python -m pytest -m gpu``; without TensorRT or a GPU every test here is skipped,
+saying which of the two is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_batch, tiny_compressed
+
+from compression import save_checkpoint
+from exporter.engine_profiles import EngineLimits
+from exporter.export import ExportOptions, export_onnx, export_tensorrt
+from runtime.generator import Seq2SeqRuntime
+from runtime.manifest import ExportDirectoryError
+from runtime.trt_support import TensorRTUnavailable, require_tensorrt
+
+pytestmark = pytest.mark.gpu
+
+
+def _availability() -> str | None:
+    try:
+        require_tensorrt()
+    except TensorRTUnavailable as error:
+        return str(error)
+    return None
+
+
+MISSING = _availability()
+requires_trt = pytest.mark.skipif(MISSING is not None, reason=f"TensorRT tests skipped: {MISSING}")
+LIMITS = EngineLimits(
+    max_batch=4,
+    opt_batch=2,
+    max_source_length=40,
+    opt_source_length=16,
+    max_new_tokens=24,
+    opt_new_tokens=12,
+    beams=4,
+    workspace_gib=1.0,
+)
+
+
+def quiet(*_: object) -> None:
+    return None
+
+
+@pytest.fixture(scope="module", params=["paper", "token"])
+def exports(request, tmp_path_factory):
+    model = tiny_compressed(request.param, seed=7)
+    root = tmp_path_factory.mktemp(f"trt-{request.param}")
+    save_checkpoint(model, root / "ckpt")
+    export_onnx(root / "ckpt", root / "onnx", ExportOptions(progress=False), log=quiet)
+    export_tensorrt(root / "ckpt", root / "trt", LIMITS, ExportOptions(progress=False), log=quiet)
+    return model, root
+
+
+@requires_trt
+def test_engines_generate_pytorchs_token_ids(exports):
+    model, root = exports
+    runtime = Seq2SeqRuntime.from_dir(root / "trt", backend="tensorrt", device="cuda")
+    ids, mask = random_batch([12, 5, 9], seed=1)
+    sequences = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask, strict=True)]
+    for settings in (
+        {"num_beams": 1, "max_new_tokens": 20},
+        {"num_beams": 4, "length_penalty": 2.0, "no_repeat_ngram_size": 3, "max_new_tokens": 20},
+    ):
+        expected = model.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
+        assert runtime.generate(sequences, **settings).sequences == expected
+
+
+@requires_trt
+def test_polygraphy_parity_onnxruntime_vs_tensorrt_on_real_inputs(exports):
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    _, root = exports
+    ids, mask = random_batch([9, 6], seed=3)  # real token ids and masks, not polygraphy's 0/1 defaults
+    feeds = [{"input_ids": ids.numpy(), "attention_mask": mask.numpy()}]
+    runners = [
+        OnnxrtRunner(SessionFromOnnx(str(root / "onnx" / "encoder.onnx"))),
+        TrtRunner(EngineFromBytes((root / "trt" / "encoder.plan").read_bytes())),
+    ]
+    results = Comparator.run(runners, data_loader=feeds)
+    assert bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=1e-3, rtol=1e-3)))
+
+
+@requires_trt
+def test_engines_from_another_tensorrt_version_are_refused(exports, tmp_path):
+    import shutil
+
+    _, root = exports
+    copy = tmp_path / "trt"
+    shutil.copytree(root / "trt", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["engine"]["tensorrt_version"] = "1.0.0"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportDirectoryError, match="built with TensorRT 1.0.0"):
+        Seq2SeqRuntime.from_dir(copy, backend="tensorrt", device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+def test_compressed_model_generates_on_cuda():
+    model = tiny_compressed("paper").cuda()
+    ids, mask = random_batch([8, 5])
+    cpu = tiny_compressed("paper").generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, num_beams=2)
+    gpu = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=8, num_beams=2)
+    assert gpu.cpu().tolist() == cpu.tolist()
