@@ -7,7 +7,6 @@ saying which of the two is missing.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
