@@ -11,8 +11,10 @@ runtime needs, and it is the same for ONNX Runtime and TensorRT:
   rows (K beams or samples per source, rows grouped by source) every row reads its source's K/V, so
   beams share one copy instead of K.
 
-K/V caches are stacked into one tensor per kind -- ``[layers, 2 (key, value), batch, heads, length,
-head_dim]`` -- so a runtime binds one buffer instead of ``2 * layers``.
+K/V caches are one tensor per layer and kind (``past_key_3``, ``cross_value_0``, ...): a graph input
+feeds its MatMul directly, whereas slicing a stacked cache copies it every step. Cross keys are
+stored pre-transposed (``[batch, heads, head_dim, source_length]``) so the per-step attention needs
+no transpose of the largest cache either.
 
 The decoder step re-implements BART's post-LayerNorm decoder layer with plain tensor ops (weights
 shared with the trained model); tests and the export's own verification hold it to transformers'
@@ -84,28 +86,32 @@ def _split_heads(states: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class CrossKVGraph(nn.Module):
-    """memory [N, S, d] -> cross K/V of every decoder layer, stacked: [layers, 2, N, heads, S, head_dim]."""
+    """memory [N, S, d] -> per layer: cross key [N, heads, head_dim, S] and cross value [N, heads, S, head_dim].
+
+    Outputs are ordered ``cross_key_0, cross_value_0, cross_key_1, ...``.
+    """
 
     def __init__(self, model: BartForConditionalGeneration) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layer.encoder_attn for layer in model.model.decoder.layers)
         self.heads = model.config.decoder_attention_heads
 
-    def forward(self, memory: torch.Tensor) -> torch.Tensor:
-        per_layer = [
-            torch.stack([_split_heads(attn.k_proj(memory), self.heads), _split_heads(attn.v_proj(memory), self.heads)])
-            for attn in self.layers
-        ]
-        return torch.stack(per_layer)
+    def forward(self, memory: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs: list[torch.Tensor] = []
+        for attn in self.layers:
+            outputs.append(_split_heads(attn.k_proj(memory), self.heads).transpose(-1, -2))
+            outputs.append(_split_heads(attn.v_proj(memory), self.heads))
+        return tuple(outputs)
 
 
 class DecoderStepGraph(nn.Module):
     """One decoding step with a KV cache.
 
-    Inputs: ``input_ids`` [B, T]; ``past_kv`` [layers, 2, B, heads, P, head_dim] (P may be 0);
-    ``cross_kv`` [layers, 2, N, heads, S, head_dim] with B a multiple of N; ``encoder_attention_mask``
-    [N, S]. Outputs: ``logits`` [B, T, vocab] (with ``final_logits_bias``) and ``present_kv``
-    [layers, 2, B, heads, P + T, head_dim].
+    Inputs: ``input_ids`` [B, T]; ``encoder_attention_mask`` [N, S] with B a multiple of N; then per
+    layer ``past_key_i``/``past_value_i`` [B, heads, P, head_dim] (P may be 0); then per layer
+    ``cross_key_i`` [N, heads, head_dim, S] / ``cross_value_i`` [N, heads, S, head_dim].
+    Outputs: ``logits`` [B, T, vocab] (with ``final_logits_bias``), then per layer
+    ``present_key_i``/``present_value_i`` [B, heads, P + T, head_dim].
     """
 
     def __init__(self, model: BartForConditionalGeneration) -> None:
@@ -121,13 +127,11 @@ class DecoderStepGraph(nn.Module):
         self.activation = ACT2FN[model.config.activation_function]
 
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        past_kv: torch.Tensor,
-        cross_kv: torch.Tensor,
-        encoder_attention_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        past_length = past_kv.shape[4]
+        self, input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor, *caches: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        layers = len(self.layers)
+        past, cross = caches[: 2 * layers], caches[2 * layers :]
+        past_length = past[0].shape[2]
         steps = input_ids.shape[1]
         positions = torch.arange(steps, device=input_ids.device) + past_length
         hidden = self.embed_tokens(input_ids) + self.embed_positions.weight[positions + self.embed_positions.offset]
@@ -139,22 +143,24 @@ class DecoderStepGraph(nn.Module):
         causal = causal.masked_fill(~allowed, torch.finfo(hidden.dtype).min)
         cross_mask = (1.0 - encoder_attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
 
-        presents = []
+        presents: list[torch.Tensor] = []
         for index, layer in enumerate(self.layers):
-            hidden, present = self._layer(layer, hidden, past_kv[index], cross_kv[index], causal, cross_mask)
-            presents.append(present)
+            hidden, key, value = self._layer(
+                layer, hidden, past[2 * index : 2 * index + 2], cross[2 * index : 2 * index + 2], causal, cross_mask
+            )
+            presents += [key, value]
         logits = self.lm_head(hidden) + self.final_logits_bias
-        return logits, torch.stack(presents)
+        return (logits, *presents)
 
     def _layer(
         self,
         layer: BartDecoderLayer,
         hidden: torch.Tensor,
-        past: torch.Tensor,
-        cross: torch.Tensor,
+        past: tuple[torch.Tensor, ...],
+        cross: tuple[torch.Tensor, ...],
         causal: torch.Tensor,
         cross_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn = layer.self_attn
         query = _split_heads(attn.q_proj(hidden), self.heads)
         key = torch.cat([past[0], _split_heads(attn.k_proj(hidden), self.heads)], dim=2)
@@ -162,26 +168,26 @@ class DecoderStepGraph(nn.Module):
         context = _attend(query * attn.scaling, key, value, causal)
         hidden = layer.self_attn_layer_norm(hidden + attn.out_proj(context))
 
-        context = self._cross_attend(layer.encoder_attn, hidden, cross, cross_mask)
+        context = self._cross_attend(layer.encoder_attn, hidden, cross[0], cross[1], cross_mask)
         hidden = layer.encoder_attn_layer_norm(hidden + layer.encoder_attn.out_proj(context))
 
         feed_forward = layer.fc2(self.activation(layer.fc1(hidden)))
         hidden = layer.final_layer_norm(hidden + feed_forward)
-        return hidden, torch.stack([key, value])
+        return hidden, key, value
 
     def _cross_attend(
-        self, attn: BartAttention, hidden: torch.Tensor, cross: torch.Tensor, mask: torch.Tensor
+        self, attn: BartAttention, hidden: torch.Tensor, key_t: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """Rows are grouped by source: decoder rows [n*K, (n+1)*K) read source n's K/V."""
         batch, steps, width = hidden.shape
-        sources = cross.shape[1]
+        sources = key_t.shape[0]
         group = batch // sources
         query = _split_heads(attn.q_proj(hidden) * attn.scaling, self.heads)  # [B, H, T, hd]
         head_dim = query.shape[-1]
         query = query.reshape(sources, group, self.heads, steps, head_dim).transpose(1, 2)
         query = query.reshape(sources, self.heads, group * steps, head_dim)
-        scores = torch.matmul(query, cross[0].transpose(-1, -2)) + mask
-        context = torch.matmul(torch.softmax(scores, dim=-1), cross[1])  # [N, H, K*T, hd]
+        scores = torch.matmul(query, key_t) + mask
+        context = torch.matmul(torch.softmax(scores, dim=-1), value)  # [N, H, K*T, hd]
         context = context.reshape(sources, self.heads, group, steps, head_dim).permute(0, 2, 3, 1, 4)
         return context.reshape(batch, steps, width)
 

@@ -22,7 +22,6 @@ from exporter.graphs import (
 from runtime.manifest import GraphSpec, TensorSpec
 
 TWO_GIB = 2**31
-KV_AXES = ["layers", "2", "{batch}", "heads", "{length}", "head_dim"]
 
 
 @dataclass(frozen=True)
@@ -37,8 +36,19 @@ class GraphDefinition:
     input_dtypes: dict[str, str]
 
 
-def _kv(batch: str, length: str, dims: dict[str, int]) -> list[str | int]:
-    return [dims["layers"], 2, batch, dims["heads"], length, dims["head_dim"]]
+def cache_names(prefix: str, layers: int) -> list[str]:
+    """``prefix_key_0, prefix_value_0, prefix_key_1, ...``: the per-layer cache tensors of a graph."""
+    return [f"{prefix}_{kind}_{layer}" for layer in range(layers) for kind in ("key", "value")]
+
+
+def _caches(prefix: str, batch: str, length: str, dims: dict[str, int]) -> dict[str, list[str | int]]:
+    """Per-layer cache shapes; cross keys are pre-transposed ([batch, heads, head_dim, length])."""
+    shapes: dict[str, list[str | int]] = {}
+    for name in cache_names(prefix, dims["layers"]):
+        transposed = prefix == "cross" and "_key_" in name
+        tail: list[str | int] = [dims["head_dim"], length] if transposed else [length, dims["head_dim"]]
+        shapes[name] = [batch, dims["heads"], *tail]
+    return shapes
 
 
 def graph_definitions(model: BartForConditionalGeneration, fuse_encoder: bool) -> list[GraphDefinition]:
@@ -90,34 +100,40 @@ def graph_definitions(model: BartForConditionalGeneration, fuse_encoder: bool) -
                 {"hidden_states": "float"},
             )
         )
+    layers = dims["layers"]
     definitions.append(
         GraphDefinition(
             "cross_kv",
             CrossKVGraph(model),
             (memory,),
             {"memory": ["batch", "source_length", config.d_model]},
-            {"cross_kv": _kv("batch", "source_length", dims)},
+            _caches("cross", "batch", "source_length", dims),
             {"memory": "float"},
         )
     )
-    past = torch.zeros(dims["layers"], 2, batch * 2, dims["heads"], 3, dims["head_dim"])
-    cross = torch.zeros(dims["layers"], 2, sources, dims["heads"], length, dims["head_dim"])
+    rows = batch * 2
+    past = [torch.zeros(rows, dims["heads"], 3, dims["head_dim"]) for _ in range(2 * layers)]
+    cross = [
+        torch.zeros(sources, dims["heads"], *((dims["head_dim"], length) if i % 2 == 0 else (length, dims["head_dim"])))
+        for i in range(2 * layers)
+    ]
+    step_inputs: dict[str, list[str | int]] = {
+        "input_ids": ["decoder_batch", "target_length"],
+        "encoder_attention_mask": ["batch", "source_length"],
+        **_caches("past", "decoder_batch", "past_length", dims),
+        **_caches("cross", "batch", "source_length", dims),
+    }
     definitions.append(
         GraphDefinition(
             "decoder_step",
             DecoderStepGraph(model),
-            (torch.tensor([[2], [0], [5], [6]]), past, cross, mask),
-            {
-                "input_ids": ["decoder_batch", "target_length"],
-                "past_kv": _kv("decoder_batch", "past_length", dims),
-                "cross_kv": _kv("batch", "source_length", dims),
-                "encoder_attention_mask": ["batch", "source_length"],
-            },
+            (torch.tensor([[2], [0], [5], [6]]), mask, *past, *cross),
+            step_inputs,
             {
                 "logits": ["decoder_batch", "target_length", config.vocab_size],
-                "present_kv": _kv("decoder_batch", "past_length + target_length", dims),
+                **_caches("present", "decoder_batch", "past_length + target_length", dims),
             },
-            {"input_ids": "int64", "past_kv": "float", "cross_kv": "float", "encoder_attention_mask": "int64"},
+            {name: ("int64" if name in ("input_ids", "encoder_attention_mask") else "float") for name in step_inputs},
         )
     )
     return definitions

@@ -152,11 +152,12 @@ def compare_graphs(
                 actual = sessions["autoencoder"].run(None, {"hidden_states": _float(hidden, manifest)})[0]
                 compare("autoencoder", "memory", case, actual, states)
             cross = cross_graph(states)
-            actual = sessions["cross_kv"].run(None, {"memory": _float(states, manifest)})[0]
-            compare("cross_kv", "cross_kv", case, actual, cross)
+            actual_cross = sessions["cross_kv"].run(None, {"memory": _float(states, manifest)})
+            for spec, actual, expected in zip(manifest.graphs["cross_kv"].outputs, actual_cross, cross, strict=True):
+                compare("cross_kv", spec.name, case, actual, expected)
             for rows_per_source in (1, 2):
                 _compare_steps(
-                    sessions["decoder_step"], step_graph, cross, mask, rows_per_source, dims, manifest, compare, case
+                    sessions["decoder_step"], step_graph, cross, mask, rows_per_source, manifest, compare, case
                 )
     report.passed = all(c.passed for c in report.comparisons)
     return report
@@ -167,27 +168,28 @@ def _float(tensor: torch.Tensor, manifest: Any) -> np.ndarray:
     return tensor.numpy().astype(np.float32)
 
 
-def _compare_steps(session, step_graph, cross, mask, rows_per_source, dims, manifest, compare, case) -> None:
-    rows = cross.shape[2] * rows_per_source
+def _compare_steps(session, step_graph, cross, mask, rows_per_source, manifest, compare, case) -> None:
+    dims = manifest.model
+    rows = cross[0].shape[0] * rows_per_source
     rng = np.random.default_rng(rows)
-    past = torch.zeros(dims.decoder_layers, 2, rows, dims.decoder_attention_heads, 0, dims.head_dim)
+    past = [torch.zeros(rows, dims.decoder_attention_heads, 0, dims.head_dim) for _ in cross]
     mask_tensor = torch.from_numpy(mask)
+    spec = manifest.graphs["decoder_step"]
+    cache_inputs = [tensor.name for tensor in spec.inputs[2:]]
     for past_length, steps in ((0, 1), (1, 3), (4, 1)):
         tokens = rng.integers(4, dims.vocab_size, (rows, steps)).astype(np.int64)
         if past_length == 0:
             tokens[:, 0] = 2
-        logits, present = step_graph(torch.from_numpy(tokens), past, cross, mask_tensor)
-        feeds = {
-            "input_ids": tokens,
-            "past_kv": _float(past, manifest),
-            "cross_kv": _float(cross, manifest),
-            "encoder_attention_mask": mask,
-        }
-        actual_logits, actual_present = session.run(None, feeds)
+        expected = step_graph(torch.from_numpy(tokens), mask_tensor, *past, *cross)
+        feeds = {"input_ids": tokens, "encoder_attention_mask": mask}
+        feeds.update(
+            {name: _float(tensor, manifest) for name, tensor in zip(cache_inputs, [*past, *cross], strict=True)}
+        )
+        actual = session.run(None, feeds)
         label = f"{case}, {rows_per_source} rows/source, past {past_length}, {steps} new"
-        compare("decoder_step", "logits", label, actual_logits, logits)
-        compare("decoder_step", "present_kv", label, actual_present, present)
-        past = present
+        for output, got, want in zip(spec.outputs, actual, expected, strict=True):
+            compare("decoder_step", output.name, label, got, want)
+        past = list(expected[1:])
 
 
 def compare_generation(

@@ -45,8 +45,24 @@ def test_export_directory_contract(checkpoint: Path, tmp_path: Path, bart_tokeni
     for name, entry in manifest["files"].items():
         assert sha256_of(directory / name) == entry["sha256"]
     step = manifest["graphs"]["decoder_step"]
-    assert [t["name"] for t in step["inputs"]] == ["input_ids", "past_kv", "cross_kv", "encoder_attention_mask"]
-    assert step["inputs"][1]["shape"] == [2, 2, "decoder_batch", 4, "past_length", 4]
+    names = [t["name"] for t in step["inputs"]]
+    assert names == [
+        "input_ids",
+        "encoder_attention_mask",
+        "past_key_0",
+        "past_value_0",
+        "past_key_1",
+        "past_value_1",
+        "cross_key_0",
+        "cross_value_0",
+        "cross_key_1",
+        "cross_value_1",
+    ]
+    shapes = {t["name"]: t["shape"] for t in step["inputs"]}
+    assert shapes["past_key_1"] == ["decoder_batch", 4, "past_length", 4]
+    assert shapes["cross_key_0"] == ["batch", 4, 4, "source_length"]  # pre-transposed
+    assert shapes["cross_value_0"] == ["batch", 4, "source_length", 4]
+    assert [t["name"] for t in step["outputs"]][1:3] == ["present_key_0", "present_value_0"]
     assert step["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["decoder_batch", "target_length", 96]}
     assert manifest["model"] == {
         "architecture": "compressed_bart",
@@ -88,19 +104,15 @@ def test_decoder_step_accepts_an_empty_past_and_beam_shared_cross_kv(checkpoint:
     dims = manifest.model
     cross = ort.InferenceSession(str(tmp_path / "onnx" / "cross_kv.onnx")).run(
         None, {"memory": np.random.rand(2, 5, 16).astype(np.float32)}
-    )[0]
-    step = ort.InferenceSession(str(tmp_path / "onnx" / "decoder_step.onnx"))
-    empty = np.zeros((dims.decoder_layers, 2, 6, dims.decoder_attention_heads, 0, dims.head_dim), np.float32)
-    logits, present = step.run(
-        None,
-        {
-            "input_ids": np.full((6, 1), 2),
-            "past_kv": empty,
-            "cross_kv": cross,
-            "encoder_attention_mask": np.ones((2, 5), np.int64),
-        },
     )
-    assert logits.shape == (6, 1, 96) and present.shape == (2, 2, 6, 4, 1, 4)
+    step = ort.InferenceSession(str(tmp_path / "onnx" / "decoder_step.onnx"))
+    empty = np.zeros((6, dims.decoder_attention_heads, 0, dims.head_dim), np.float32)
+    feeds = {"input_ids": np.full((6, 1), 2), "encoder_attention_mask": np.ones((2, 5), np.int64)}
+    names = [t.name for t in manifest.graphs["decoder_step"].inputs]
+    feeds.update({name: empty for name in names if name.startswith("past_")})
+    feeds.update(dict(zip([n for n in names if n.startswith("cross_")], cross, strict=True)))
+    logits, *presents = step.run(None, feeds)
+    assert logits.shape == (6, 1, 96) and [p.shape for p in presents] == [(6, 4, 1, 4)] * 4
     np.testing.assert_allclose(logits[0], logits[2], atol=1e-6)  # rows 0-2 share source 0
     assert np.abs(logits[0] - logits[3]).max() > 1e-4  # row 3 reads source 1
 

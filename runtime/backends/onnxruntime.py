@@ -56,50 +56,62 @@ class OnnxRuntimeBackend:
             for name, spec in manifest.graphs.items()
         }
         self._ort_device = "cuda" if device != "cpu" else "cpu"
-        dims = manifest.model
-        self._empty_cache_shape = (dims.decoder_layers, 2, 0, dims.decoder_attention_heads, 0, dims.head_dim)
+        step = manifest.graphs["decoder_step"]
+        self.past_names = [t.name for t in step.inputs if t.name.startswith("past_")]
+        self.cross_names = [t.name for t in step.inputs if t.name.startswith("cross_")]
+        self.present_names = [t.name for t in step.outputs if t.name.startswith("present_")]
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncodedBatch:
         states = self.sessions["encoder"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
         if "autoencoder" in self.sessions:
             states = self.sessions["autoencoder"].run(None, {"hidden_states": states})[0]
-        cross_kv = self.sessions["cross_kv"].run(None, {"memory": states})[0]
-        return EncodedBatch(cross_kv=cross_kv, attention_mask=attention_mask, input_ids=input_ids)
+        binding = self.sessions["cross_kv"].io_binding()
+        binding.bind_cpu_input("memory", states)
+        for name in self.cross_names:
+            binding.bind_output(name, self._ort_device)
+        self.sessions["cross_kv"].run_with_iobinding(binding)
+        return EncodedBatch(cross_kv=binding.get_outputs(), attention_mask=attention_mask, input_ids=input_ids)
 
     def start(self, encoded: EncodedBatch, rows_per_source: int) -> OrtDecoderSession:
         return OrtDecoderSession(self, encoded, encoded.sources * rows_per_source)
 
 
 class OrtDecoderSession:
-    """Decoder state of one request: the cache lives in OrtValues between steps."""
+    """Decoder state of one request: caches live in OrtValues between steps (no NumPy round trip)."""
 
     def __init__(self, backend: OnnxRuntimeBackend, encoded: EncodedBatch, rows: int) -> None:
+        self.backend = backend
         self.session = backend.sessions["decoder_step"]
         self.device = backend._ort_device
-        shape = list(backend._empty_cache_shape)
-        shape[2] = rows
-        self.past = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32), self.device)
-        self.binding = self.session.io_binding()
-        self.cross = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(encoded.cross_kv), self.device)
+        dims = backend.manifest.model
+        empty = np.zeros((rows, dims.decoder_attention_heads, 0, dims.head_dim), dtype=np.float32)
+        self.past = [ort.OrtValue.ortvalue_from_numpy(empty, self.device) for _ in backend.past_names]
+        self.cross = list(encoded.cross_kv)
         self.mask = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(encoded.attention_mask), self.device)
+        self.binding = self.session.io_binding()
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        binding = self.binding
+        backend, binding = self.backend, self.binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
-        binding.bind_ortvalue_input("past_kv", self.past)
-        binding.bind_ortvalue_input("cross_kv", self.cross)
         binding.bind_ortvalue_input("encoder_attention_mask", self.mask)
+        for name, value in zip(backend.past_names, self.past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        for name, value in zip(backend.cross_names, self.cross, strict=True):
+            binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
-        binding.bind_output("present_kv", self.device)
+        for name in backend.present_names:
+            binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
-        logits, present = binding.get_outputs()
-        self.past = present
-        return logits.numpy()[:, -1, :].astype(np.float32, copy=False)
+        outputs = binding.get_outputs()
+        self.past = list(outputs[1:])
+        return np.array(outputs[0].numpy()[:, -1, :], dtype=np.float32)  # owned copy; the OrtValue is reused
 
     def reorder(self, rows: np.ndarray) -> None:
-        past = self.past.numpy()
-        if np.array_equal(rows, np.arange(past.shape[2])):
+        if np.array_equal(rows, np.arange(len(rows))):
             return
-        self.past = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(past[:, :, rows]), self.device)
+        self.past = [
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[rows]), self.device)
+            for value in self.past
+        ]

@@ -82,7 +82,7 @@ class TensorRTBackend:
             states = next(iter(self.engines["encoder"](self.stream, input_ids=ids, attention_mask=mask).values()))
             if "autoencoder" in self.engines:
                 states = self.engines["autoencoder"](self.stream, hidden_states=states)["memory"]
-            cross = self.engines["cross_kv"](self.stream, memory=states)["cross_kv"]
+            cross = self.engines["cross_kv"](self.stream, memory=states)
         self.stream.synchronize()
         return EncodedBatch(cross_kv=cross, attention_mask=attention_mask, input_ids=input_ids)
 
@@ -91,16 +91,17 @@ class TensorRTBackend:
 
 
 class TensorRTDecoderSession:
+    """Per-layer caches as CUDA tensors; presents of one step are the pasts of the next."""
+
     def __init__(self, backend: TensorRTBackend, encoded: EncodedBatch, rows: int) -> None:
         dims = backend.manifest.model
+        step = backend.manifest.graphs["decoder_step"]
         self.backend = backend
-        self.cross = encoded.cross_kv
+        self.cross: dict[str, torch.Tensor] = encoded.cross_kv
+        self.past_names = [t.name for t in step.inputs if t.name.startswith("past_")]
         self.mask = torch.from_numpy(encoded.attention_mask).cuda()
-        self.past = torch.zeros(
-            (dims.decoder_layers, 2, rows, dims.decoder_attention_heads, 0, dims.head_dim),
-            dtype=self.cross.dtype,
-            device="cuda",
-        )
+        empty = (rows, dims.decoder_attention_heads, 0, dims.head_dim)
+        self.past = {name: torch.zeros(empty, dtype=torch.float32, device="cuda") for name in self.past_names}
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         backend = self.backend
@@ -108,13 +109,14 @@ class TensorRTDecoderSession:
             outputs = backend.engines["decoder_step"](
                 backend.stream,
                 input_ids=torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).cuda(),
-                past_kv=self.past,
-                cross_kv=self.cross,
                 encoder_attention_mask=self.mask,
+                **self.past,
+                **self.cross,
             )
-            self.past = outputs["present_kv"]
+            self.past = {name: outputs[name.replace("past_", "present_", 1)] for name in self.past_names}
             logits = outputs["logits"][:, -1, :].float().cpu()
         return logits.numpy()
 
     def reorder(self, rows: np.ndarray) -> None:
-        self.past = self.past[:, :, torch.from_numpy(rows).cuda()].contiguous()
+        index = torch.from_numpy(rows).cuda()
+        self.past = {name: value.index_select(0, index) for name, value in self.past.items()}

@@ -1,0 +1,1 @@
+"""Side-by-side latency, memory and quality benchmarks (``cbart bench``)."""

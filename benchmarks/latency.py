@@ -1,0 +1,278 @@
+"""Latency comparison, side by side in one run (``cbart bench`` / ``python -m benchmarks.latency``).
+
+Every (system, model) pair runs in a fresh process per round, rounds interleaved (A B A B ...),
+so machine drift hits all systems alike; results are medians with min/max. Each process warms up
+once, then times a 1-token generation (encoder + first step) and an N-token one; the per-token
+decode time is ``(T(N) - T(1)) / (N - 1)``. The memory-bandwidth floor of a batch-1 decode step is
+the bytes it must read divided by the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from benchmarks.models import ModelSpec, checkpoint, decoder_step_bytes, onnx_export
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Cell:
+    batch: int
+    source: int
+    beams: int
+    new_tokens: int
+
+    @property
+    def label(self) -> str:
+        search = "greedy" if self.beams == 1 else f"beam {self.beams}"
+        return f"batch {self.batch}, src {self.source}, {search}, {self.new_tokens} new"
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One column of the comparison: a system running one model at one precision."""
+
+    system: str
+    model: ModelSpec
+    precision: str = "fp32"
+
+    @property
+    def label(self) -> str:
+        names = {"transformers": "transformers (PyTorch)", "cbart": "cbart ONNX Runtime"}
+        return f"{names.get(self.system, self.system)} {self.precision} / {self.model.name}"
+
+
+@dataclass
+class Result:
+    engine: str
+    system: str
+    model: str
+    precision: str
+    cell: dict[str, int]
+    median_s: float
+    min_s: float
+    max_s: float
+    encoder_s: float
+    per_token_ms: float
+    tokens_per_s: float
+    peak_rss_mib: float
+    floor_ms: float | None = None
+    percent_of_floor: float | None = None
+    rounds: list[dict[str, list[float]]] = field(default_factory=list)
+
+
+def measure_bandwidth(threads: int) -> float:
+    """GB/s of a large fp32 matrix-vector product (the access pattern of a batch-1 decode step)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    matrix = torch.randn(8192, 8192)
+    vector = torch.randn(8192)
+    torch.mv(matrix, vector)
+    best = float("inf")
+    for _ in range(10):
+        started = time.perf_counter()
+        torch.mv(matrix, vector)
+        best = min(best, time.perf_counter() - started)
+    return matrix.numel() * 4 / best / 1e9
+
+
+def prepare(engine: Engine, cache: Path) -> Path:
+    if engine.system == "transformers":
+        return checkpoint(engine.model, cache)
+    if engine.system == "cbart":
+        return onnx_export(engine.model, cache, engine.precision)
+    raise ValueError(f"no preparation for {engine.system}")
+
+
+def run_worker(engine: Engine, path: Path, cell: Cell, threads: int, repeats: int) -> dict[str, list[float]]:
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.worker",
+        "--system",
+        engine.system,
+        "--path",
+        str(path),
+        "--batch",
+        str(cell.batch),
+        "--source",
+        str(cell.source),
+        "--beams",
+        str(cell.beams),
+        "--new-tokens",
+        str(cell.new_tokens),
+        "--threads",
+        str(threads),
+        "--repeats",
+        str(repeats),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{engine.label} failed on {cell.label}:\n{completed.stderr[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def summarise(engine: Engine, cell: Cell, rounds: list[dict], bandwidth: float) -> Result:
+    full = [t for r in rounds for t in r["tn"]]
+    first = [t for r in rounds for t in r["t1"]]
+    median, encoder = statistics.median(full), statistics.median(first)
+    per_token = (median - encoder) / max(cell.new_tokens - 1, 1)
+    result = Result(
+        engine=engine.label,
+        system=engine.system,
+        model=engine.model.name,
+        precision=engine.precision,
+        cell=asdict(cell),
+        median_s=median,
+        min_s=min(full),
+        max_s=max(full),
+        encoder_s=encoder,
+        per_token_ms=1000 * per_token,
+        tokens_per_s=cell.batch * cell.new_tokens / median,
+        peak_rss_mib=max(r["peak_rss_mib"] for r in rounds),
+        rounds=rounds,
+    )
+    if cell.batch == 1 and cell.beams == 1:
+        weight_bytes = 1.0 if engine.precision == "int8" else 4.0
+        floor = decoder_step_bytes(engine.model.latent, cell.source, weight_bytes) / (bandwidth * 1e9)
+        result.floor_ms = 1000 * floor
+        result.percent_of_floor = 100 * floor / per_token if per_token > 0 else None
+    return result
+
+
+def markdown(results: list[Result], baseline_system: str = "transformers") -> str:
+    lines = []
+    for cell_label in dict.fromkeys(Cell(**r.cell).label for r in results):
+        rows = [r for r in results if Cell(**r.cell).label == cell_label]
+        baseline = next((r for r in rows if r.system == baseline_system and r.model == "full"), None)
+        lines += [
+            f"\n**{cell_label}**\n",
+            "| engine | median s (min-max) | encoder+1st s | decode ms/token | tokens/s | peak RSS MiB "
+            "| floor ms/token (% achieved) | speedup vs transformers full |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            floor = f"{r.floor_ms:.1f} ({r.percent_of_floor:.0f}%)" if r.floor_ms and r.percent_of_floor else "-"
+            speedup = f"{baseline.median_s / r.median_s:.2f}x" if baseline else "-"
+            lines.append(
+                f"| {r.engine} | {r.median_s:.3f} ({r.min_s:.3f}-{r.max_s:.3f}) | {r.encoder_s:.3f} | "
+                f"{r.per_token_ms:.1f} | {r.tokens_per_s:.1f} | {r.peak_rss_mib:.0f} | {floor} | {speedup} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], directory: Path, stem: str) -> list[Path]:
+    """Per-token latency vs latent size per engine, and speedup vs transformers on the full model."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping plots (pip install 'cbart[bench]')", file=sys.stderr)
+        return []
+    written = []
+    reference = next((Cell(**r.cell) for r in results if r.cell["batch"] == 1 and r.cell["beams"] == 1), None)
+    cell_results = [r for r in results if reference and Cell(**r.cell) == reference]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key in dict.fromkeys((r.system, r.precision) for r in cell_results):
+        points = sorted(
+            ((768 if r.model == "full" else int(r.model.split("-")[1])), r.per_token_ms)
+            for r in cell_results
+            if (r.system, r.precision) == key
+        )
+        axes[0].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{key[0]} {key[1]}")
+    axes[0].set_xlabel("decoder width (768 = full bart-base)")
+    axes[0].set_ylabel("decode ms / token")
+    axes[0].set_title(reference.label if reference else "")
+    axes[0].legend()
+    baseline = next((r for r in cell_results if r.system == "transformers" and r.model == "full"), None)
+    if baseline:
+        labels = [r.engine.replace(" / ", "\n") for r in cell_results]
+        axes[1].barh(labels, [baseline.median_s / r.median_s for r in cell_results])
+        axes[1].axvline(1.0, color="grey", linewidth=0.8)
+        axes[1].set_xlabel("speedup vs transformers full (end to end)")
+    figure.tight_layout()
+    path = directory / f"{stem}.png"
+    figure.savefig(path, dpi=110)
+    written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cbart bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="batch 1, source 512, greedy: full vs compressed-384")
+    parser.add_argument("--models", default="full,504,384,256,128", help="'full' and/or latent sizes")
+    parser.add_argument("--systems", default="transformers,cbart:fp32,cbart:int8")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--sources", default="128,512,1024")
+    parser.add_argument("--beams", default="1,4")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--name", default=None, help="output file stem (default: latency-quick or latency)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.batches, args.sources, args.beams, args.rounds = "full,384", "1", "512", "1", 2
+    models = [ModelSpec(None if m == "full" else int(m)) for m in args.models.split(",")]
+    engines = []
+    for system in args.systems.split(","):
+        name, _, precision = system.partition(":")
+        engines += [Engine(name, model, precision or "fp32") for model in models]
+    cells = [
+        Cell(b, s, k, args.new_tokens)
+        for b in map(int, args.batches.split(","))
+        for s in map(int, args.sources.split(","))
+        for k in map(int, args.beams.split(","))
+    ]
+    args.cache.mkdir(parents=True, exist_ok=True)
+    print(f"preparing {len(engines)} engines (random-weight bart-base shapes, cached in {args.cache}) ...")
+    paths = {engine: prepare(engine, args.cache) for engine in engines}
+    bandwidth = measure_bandwidth(args.threads)
+    print(f"matrix-vector bandwidth with {args.threads} threads: {bandwidth:.1f} GB/s")
+    results = []
+    for cell in cells:
+        rounds: dict[Engine, list[dict]] = {engine: [] for engine in engines}
+        for round_index in range(args.rounds):
+            for engine in engines:
+                print(f"  round {round_index + 1}/{args.rounds} {cell.label}: {engine.label}", flush=True)
+                rounds[engine].append(run_worker(engine, paths[engine], cell, args.threads, args.repeats))
+        results += [summarise(engine, cell, rounds[engine], bandwidth) for engine in engines]
+    table = markdown(results)
+    print(table)
+    stem = args.name or ("latency-quick" if args.quick else "latency")
+    args.results.mkdir(parents=True, exist_ok=True)
+    command = "cbart bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    payload = {
+        "date": datetime.date.today().isoformat(),
+        "command": command.strip(),
+        "threads": args.threads,
+        "bandwidth_gb_s": bandwidth,
+        "machine": f"{os.cpu_count()} CPUs",
+        "results": [asdict(r) for r in results],
+        "table": table,
+    }
+    (args.results / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    for path in plot(results, args.results, stem):
+        print(f"plot: {path}")
+    print(f"results: {args.results / (stem + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

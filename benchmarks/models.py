@@ -1,0 +1,75 @@
+"""Random-weight models of bart-base's shape (no download) and their exports, cached on disk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+LATENTS = {504: (640, 576, 504), 384: (576, 480, 384), 256: (512, 384, 256), 128: (384, 256, 128)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``latent=None`` is the full bart-base; otherwise the compressed model with that latent width."""
+
+    latent: int | None
+
+    @property
+    def name(self) -> str:
+        return "full" if self.latent is None else f"compressed-{self.latent}"
+
+
+def checkpoint(spec: ModelSpec, cache: Path) -> Path:
+    """Build (once) and save the model; the compressed ones share the full model's encoder."""
+    from transformers import BartForConditionalGeneration
+
+    from compression import build_from_base, save_checkpoint
+    from compression.build import bart_base_config
+
+    path = cache / spec.name
+    if (path / "config.json").is_file():
+        return path
+    full = cache / "full"
+    if not (full / "config.json").is_file():
+        torch.manual_seed(0)
+        BartForConditionalGeneration(bart_base_config()).save_pretrained(full)
+    if spec.latent is not None:
+        torch.manual_seed(spec.latent)
+        base = BartForConditionalGeneration.from_pretrained(full)
+        save_checkpoint(build_from_base(base, LATENTS[spec.latent], "paper"), path)
+    return path
+
+
+def onnx_export(spec: ModelSpec, cache: Path, precision: str = "fp32") -> Path:
+    """Export (once) to ONNX; int8 is dynamic quantization of the fp32 graphs."""
+    from exporter.export import ExportOptions, export_onnx
+
+    path = cache / f"{spec.name}-onnx-{precision}"
+    if (path / "manifest.json").is_file():
+        return path
+    options = ExportOptions(quantize="int8" if precision == "int8" else None, verify=False, progress=False)
+    export_onnx(checkpoint(spec, cache), path, options, log=lambda *_: None)
+    return path
+
+
+def decoder_step_bytes(
+    latent: int | None,
+    source_length: int,
+    bytes_per_weight: float = 4.0,
+    vocab: int = 50265,
+    layers: int = 6,
+    ffn: int = 3072,
+) -> float:
+    """Bytes one batch-1 decode step must read: decoder weights, the LM head and the cached cross K/V.
+
+    Per layer: self-attention (4 projections), cross-attention query and output projections (its
+    K/V projections run once per request), the FFN and LayerNorms; then the LM head. The cached
+    cross K/V (fp32) is read every step. Embedding lookups read one row and are ignored.
+    """
+    width = 768 if latent is None else latent
+    per_layer = 6 * width * width + 2 * width * ffn + ffn + 12 * width
+    weights = bytes_per_weight * (layers * per_layer + width * vocab)
+    cross_cache = 4.0 * layers * 2 * source_length * width
+    return weights + cross_cache

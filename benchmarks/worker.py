@@ -1,0 +1,147 @@
+"""One system, one cell, in a fresh process: warm up once, then time T(1) and T(N) generations.
+
+Run by ``benchmarks.latency``; prints one JSON object. Every system generates exactly N new tokens
+(min = max new tokens), so none stops early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+Generate = Callable[[int], None]
+
+
+def source_ids(batch: int, length: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, 50000, (batch, length)).astype(np.int64)
+    ids[:, 0], ids[:, -1] = 0, 2
+    return ids
+
+
+def transformers_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Generate:
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    import compression  # noqa: F401 -- registers the compressed architecture with AutoModel
+
+    torch.set_num_threads(threads)
+    model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+    inputs = torch.from_numpy(ids)
+    mask = torch.ones_like(inputs)
+
+    def generate(new_tokens: int) -> None:
+        with torch.inference_mode():
+            model.generate(
+                input_ids=inputs,
+                attention_mask=mask,
+                num_beams=beams,
+                do_sample=False,
+                min_new_tokens=new_tokens,
+                max_new_tokens=new_tokens,
+            )
+
+    return generate
+
+
+def cbart_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Generate:
+    import torch
+
+    from runtime.generator import Seq2SeqRuntime
+
+    torch.set_num_threads(1)  # keep torch's pool from clashing with ONNX Runtime's threads
+    runtime = Seq2SeqRuntime.from_dir(path, threads=threads, check_files=False)
+    sequences = ids.tolist()
+
+    def generate(new_tokens: int) -> None:
+        runtime.generate(sequences, num_beams=beams, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+
+    return generate
+
+
+def optimum_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Generate:
+    import onnxruntime as ort
+    import torch
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM
+
+    torch.set_num_threads(1)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    model = ORTModelForSeq2SeqLM.from_pretrained(path, session_options=options, use_cache=True)
+    inputs = torch.from_numpy(ids)
+
+    def generate(new_tokens: int) -> None:
+        model.generate(
+            input_ids=inputs,
+            attention_mask=torch.ones_like(inputs),
+            num_beams=beams,
+            min_new_tokens=new_tokens,
+            max_new_tokens=new_tokens,
+        )
+
+    return generate
+
+
+def ctranslate2_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Generate:
+    import ctranslate2
+
+    translator = ctranslate2.Translator(
+        str(path),
+        device="cpu",
+        intra_threads=threads,
+        inter_threads=1,
+        compute_type=os.environ.get("CBART_CT2_COMPUTE", "default"),
+    )
+    vocabulary = [line.rstrip("\n") for line in (path / "shared_vocabulary.txt").open(encoding="utf-8")]
+    tokens = [[vocabulary[i] for i in row] for row in ids.tolist()]
+
+    def generate(new_tokens: int) -> None:
+        translator.translate_batch(
+            tokens, beam_size=beams, min_decoding_length=new_tokens, max_decoding_length=new_tokens
+        )
+
+    return generate
+
+
+SYSTEMS: dict[str, Callable[[Path, np.ndarray, int, int], Generate]] = {
+    "transformers": transformers_system,
+    "cbart": cbart_system,
+    "optimum": optimum_system,
+    "ctranslate2": ctranslate2_system,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--system", choices=sorted(SYSTEMS), required=True)
+    parser.add_argument("--path", type=Path, required=True)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--source", type=int, default=512)
+    parser.add_argument("--beams", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    ids = source_ids(args.batch, args.source)
+    generate = SYSTEMS[args.system](args.path, ids, args.beams, args.threads)
+    generate(2)  # warm-up
+    first, full = [], []
+    for _ in range(args.repeats):
+        for count, bucket in ((1, first), (args.new_tokens, full)):
+            started = time.perf_counter()
+            generate(count)
+            bucket.append(time.perf_counter() - started)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    json.dump({"t1": first, "tn": full, "peak_rss_mib": peak_mib}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
