@@ -441,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX precision")
     export.add_argument("--quantize", choices=("int8",), default=None, help="dynamic int8 for CPU")
     export.add_argument("--no-verify", action="store_true", help="skip the parity checks against PyTorch")
+    export.add_argument("--with-torch", action="store_true", help="also write TorchScript graphs (backend='torch')")
     export.add_argument(
         "--tokenizer", default=None, help="tokenizer to copy into the export (default: the checkpoint's)"
     )
@@ -471,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output", default=None, help="JSON lines output (default: stdout)")
     generate.add_argument("--field", default="source", help="input field holding the text")
     generate.add_argument("--batch-size", type=int, default=8)
-    generate.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    generate.add_argument("--backend", choices=("onnxruntime", "tensorrt", "torch"), default="onnxruntime")
     generate.add_argument("--device", default="cpu", help="cpu, cuda or tensorrt (ONNX Runtime providers)")
     generate.add_argument("--threads", type=int, default=None)
     generate.add_argument("--timing", action="store_true", help="print encode/decode/total seconds to stderr")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BartForConditionalGeneration
 
 from compression.checkpoint import atomic_directory, is_compressed_checkpoint, load_compressed_model
-from exporter.onnx_export import export_graph, graph_definitions
+from exporter.onnx_export import export_graph, export_torchscript, graph_definitions
 from exporter.variants import convert_to_fp16, optimize_graph, quantize_int8
 from exporter.verify import Tolerance, VerificationReport, compare_generation, compare_graphs
 from runtime.manifest import MANIFEST, Manifest, ModelDims, SpecialTokens, file_entries
@@ -56,6 +56,7 @@ class ExportOptions:
     threads: int | None = None
     timing_cache: str | None = None
     progress: bool = True
+    with_torch: bool = False
 
     def __post_init__(self) -> None:
         if self.opset < 17:
@@ -181,12 +182,15 @@ def _write_onnx(
 ) -> tuple[Manifest, dict[str, dict[str, int]]]:
     """Export, optimise/convert/quantise the graphs into ``tmp`` and write their manifest."""
     graphs = {}
+    torch_graphs: dict[str, str] = {}
     fused: dict[str, dict[str, int]] = {}
     dims = model_dims(model)
     for definition in tqdm(
         graph_definitions(model, options.fuse_encoder), desc="exporting graphs", disable=not options.progress
     ):
         graphs[definition.name] = export_graph(definition, tmp, options.opset)
+        if options.with_torch:
+            torch_graphs[definition.name] = export_torchscript(definition, tmp)
         path = tmp / graphs[definition.name].file
         if options.optimize:
             is_encoder = definition.name == "encoder"
@@ -208,6 +212,7 @@ def _write_onnx(
         precision=options.precision,
         backend="onnx",
         tokenizer_dir="tokenizer" if has_tokenizer else None,
+        torch_graphs=torch_graphs,
         versions=versions(),
     )
     _write_manifest(tmp, manifest)

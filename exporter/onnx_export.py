@@ -165,6 +165,17 @@ def export_graph(definition: GraphDefinition, directory: Path, opset: int) -> Gr
     return describe(definition, path.name)
 
 
+def export_torchscript(definition: GraphDefinition, directory: Path) -> str:
+    """Trace the same module to TorchScript for the runtime's PyTorch reference backend."""
+    target = directory / "torch" / f"{definition.name}.pt"
+    target.parent.mkdir(exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(definition.module.eval(), definition.example, check_trace=False)
+    torch.jit.save(traced, str(target))
+    return target.relative_to(directory).as_posix()
+
+
 def describe(definition: GraphDefinition, file: str, float_dtype: str = "float32") -> GraphSpec:
     def dtype(name: str) -> str:
         declared = definition.input_dtypes.get(name, "float")

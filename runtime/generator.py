@@ -16,7 +16,7 @@ from runtime.manifest import Manifest, read_manifest
 from runtime.search import GenerationSettings, beam_search, greedy_or_sample
 from runtime.tokenizer import TextTokenizer
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
 Inputs = str | Sequence[str] | Sequence[Sequence[int]] | np.ndarray
 
 
@@ -40,6 +40,10 @@ def load_backend(directory: Path, manifest: Manifest, backend: str, device: str,
         from runtime.backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend(directory, manifest, device)
+    if backend == "torch":
+        from runtime.backends.torch_backend import TorchBackend
+
+        return TorchBackend(directory, manifest, device, threads)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 

@@ -81,6 +81,7 @@ class Manifest:
     precision: str = "fp32"
     backend: str = "onnx"
     tokenizer_dir: str | None = "tokenizer"
+    torch_graphs: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     engine: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
@@ -101,6 +102,7 @@ class Manifest:
             precision=data.get("precision", "fp32"),
             backend=data.get("backend", "onnx"),
             tokenizer_dir=data.get("tokenizer_dir"),
+            torch_graphs=data.get("torch_graphs", {}),
             versions=data.get("versions", {}),
             engine=data.get("engine", {}),
             verification=data.get("verification", {}),

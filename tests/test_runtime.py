@@ -12,7 +12,7 @@ import torch
 from conftest import random_batch, tiny_compressed
 
 from compression import save_checkpoint
-from exporter.export import export_onnx
+from exporter.export import ExportOptions, export_onnx
 from runtime.generator import Seq2SeqRuntime
 from runtime.manifest import ExportDirectoryError
 
@@ -36,7 +36,7 @@ def exported(request, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     model = tiny_compressed(request.param, seed=11, positions=160)
     root = tmp_path_factory.mktemp(request.param)
     save_checkpoint(model, root / "ckpt")
-    export_onnx(root / "ckpt", root / "onnx", log=quiet)
+    export_onnx(root / "ckpt", root / "onnx", ExportOptions(with_torch=True, progress=False), log=quiet)
     return model, root / "onnx"
 
 
@@ -50,18 +50,20 @@ def reference(model, ids, mask, **settings) -> list[list[int]]:
         return model.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
 
 
-def test_greedy_batch_of_mixed_lengths_equals_pytorch(exported):
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_greedy_batch_of_mixed_lengths_equals_pytorch(exported, backend):
     model, directory = exported
-    runtime = Seq2SeqRuntime.from_dir(directory)
+    runtime = Seq2SeqRuntime.from_dir(directory, backend=backend)
     for seed in range(3):
         ids, mask, sequences = inputs(seed)
         settings = {"num_beams": 1, "do_sample": False, "max_new_tokens": 20}
         assert runtime.generate(sequences, **settings).sequences == reference(model, ids, mask, **settings)
 
 
-def test_beam_search_with_the_papers_settings_equals_pytorch(exported):
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_beam_search_with_the_papers_settings_equals_pytorch(exported, backend):
     model, directory = exported
-    runtime = Seq2SeqRuntime.from_dir(directory)
+    runtime = Seq2SeqRuntime.from_dir(directory, backend=backend)
     ids, mask, sequences = inputs(1)
     expected = reference(model, ids, mask, **PAPER)
     assert runtime.generate(sequences, **PAPER).sequences == expected
@@ -165,6 +167,13 @@ def test_input_errors(exported):
 
 def test_directory_errors(exported, tmp_path):
     _, directory = exported
+    manifest_without_torch = json.loads((directory / "manifest.json").read_text())
+    manifest_without_torch["torch_graphs"] = {}
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "manifest.json").write_text(json.dumps(manifest_without_torch))
+    with pytest.raises(ExportDirectoryError, match="export with `cbart export --with-torch`"):
+        Seq2SeqRuntime.from_dir(bare, backend="torch", check_files=False)
     with pytest.raises(ValueError, match="unknown backend 'tvm'"):
         Seq2SeqRuntime.from_dir(directory, backend="tvm")
     with pytest.raises(ExportDirectoryError, match="has no manifest.json"):
