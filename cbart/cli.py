@@ -490,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
         generate.add_argument(flag, type=kind, default=None)
     generate.add_argument("--do-sample", action="store_true")
     generate.set_defaults(run=cmd_generate)
+
+    # `cbart bench ...` is forwarded to benchmarks.latency before parsing (see main); listed here for --help.
+    commands.add_parser("bench", help="latency benchmark, side by side (cbart bench --help)", add_help=False)
     return parser
 
 
@@ -512,6 +515,11 @@ def _add_latent_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from benchmarks.latency import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     from compression.checkpoint import CheckpointError
     from exporter.export import ExportError
