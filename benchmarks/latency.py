@@ -48,7 +48,12 @@ class Engine:
 
     @property
     def label(self) -> str:
-        names = {"transformers": "transformers (PyTorch)", "cbart": "cbart ONNX Runtime"}
+        names = {
+            "transformers": "transformers (PyTorch)",
+            "cbart": "cbart ONNX Runtime",
+            "optimum": "Optimum ORTModelForSeq2SeqLM",
+            "ctranslate2": "CTranslate2",
+        }
         return f"{names.get(self.system, self.system)} {self.precision} / {self.model.name}"
 
 
@@ -117,7 +122,13 @@ def run_worker(engine: Engine, path: Path, cell: Cell, threads: int, repeats: in
         "--repeats",
         str(repeats),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONPATH": str(ROOT),
+        "TRANSFORMERS_VERBOSITY": "error",
+        "CBART_PRECISION": engine.precision,
+    }
     completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     if completed.returncode != 0:
         raise RuntimeError(f"{engine.label} failed on {cell.label}:\n{completed.stderr[-2000:]}")
@@ -226,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default=None, help="output file stem (default: latency-quick or latency)")
+    parser.add_argument("--peers", default="", help="peer systems on the full model, e.g. optimum,ctranslate2:int8")
+    parser.add_argument(
+        "--peer-python",
+        default=sys.executable,
+        help="interpreter of a venv with optimum-onnx / ctranslate2 (their pins may clash with ours)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.batches, args.sources, args.beams, args.rounds = "full,384", "1", "512", "1", 2
@@ -234,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     for system in args.systems.split(","):
         name, _, precision = system.partition(":")
         engines += [Engine(name, model, precision or "fp32") for model in models]
+    for peer in filter(None, args.peers.split(",")):
+        name, _, precision = peer.partition(":")
+        engines.append(Engine(name, ModelSpec(None), precision or "fp32"))
     cells = [
         Cell(b, s, k, args.new_tokens)
         for b in map(int, args.batches.split(","))
@@ -242,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     args.cache.mkdir(parents=True, exist_ok=True)
     print(f"preparing {len(engines)} engines (random-weight bart-base shapes, cached in {args.cache}) ...")
-    paths = {engine: prepare(engine, args.cache) for engine in engines}
+    paths = {engine: prepare(engine, args.cache, args.peer_python) for engine in engines}
     bandwidth = measure_bandwidth(args.threads)
     print(f"matrix-vector bandwidth with {args.threads} threads: {bandwidth:.1f} GB/s")
     results = []
@@ -251,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         for round_index in range(args.rounds):
             for engine in engines:
                 print(f"  round {round_index + 1}/{args.rounds} {cell.label}: {engine.label}", flush=True)
-                rounds[engine].append(run_worker(engine, paths[engine], cell, args.threads, args.repeats))
+                rounds[engine].append(
+                    run_worker(engine, paths[engine], cell, args.threads, args.repeats, args.peer_python)
+                )
         results += [summarise(engine, cell, rounds[engine], bandwidth) for engine in engines]
     table = markdown(results)
     print(table)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 LATENTS = {504: (640, 576, 504), 384: (576, 480, 384), 256: (512, 384, 256), 128: (384, 256, 128)}
+HEADS = {256: 8, 128: 8}  # bart-base's 12 heads do not divide 256 or 128
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ def checkpoint(spec: ModelSpec, cache: Path) -> Path:
     if spec.latent is not None:
         torch.manual_seed(spec.latent)
         base = BartForConditionalGeneration.from_pretrained(full)
-        save_checkpoint(build_from_base(base, LATENTS[spec.latent], "paper"), path)
+        model = build_from_base(base, LATENTS[spec.latent], "paper", decoder_attention_heads=HEADS.get(spec.latent))
+        save_checkpoint(model, path)
     return path
 
 

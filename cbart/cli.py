@@ -97,7 +97,7 @@ def _model_for_training(args: argparse.Namespace, task: str = "seq2seq") -> Any:
     if is_compressed_checkpoint(args.model):
         model = load_compressed_model(args.model)
     else:
-        model = build_from_base(args.model, args.latent, args.variant)
+        model = build_from_base(args.model, args.latent, args.variant, decoder_attention_heads=args.decoder_heads)
     return to_classifier(model, args.num_labels) if task == "classification" else model
 
 
@@ -115,7 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from compression import build_from_base, save_checkpoint
 
-    model = build_from_base(args.base, args.latent, args.variant, args.max_positions)
+    model = build_from_base(args.base, args.latent, args.variant, args.max_positions, args.decoder_heads)
     tokenizer = _load_tokenizer(args.tokenizer or args.base)
     save_checkpoint(model, args.out, tokenizer)
     print(
@@ -511,6 +511,9 @@ def _add_latent_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("paper", "token"),
         default="paper",
         help="autoencoder normalisation: paper (BatchNorm over positions) or token (LayerNorm)",
+    )
+    parser.add_argument(
+        "--decoder-heads", type=int, default=None, help="decoder attention heads (default: the base's; 8 for 256/128)"
     )
 
 

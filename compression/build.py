@@ -61,6 +61,7 @@ def build_from_base(
     latent_sizes: Sequence[int] = PAPER_LATENT_SIZES[384],
     autoencoder_variant: str = "paper",
     autoencoder_max_positions: int | None = None,
+    decoder_attention_heads: int | None = None,
 ) -> CompressedBartForConditionalGeneration:
     """A compressed model whose encoder is the base's and whose narrow decoder is freshly initialised.
 
@@ -74,7 +75,7 @@ def build_from_base(
             "load it with BartForConditionalGeneration.from_pretrained"
         )
     config = CompressedBartConfig.from_base_config(
-        base_model.config, latent_sizes, autoencoder_variant, autoencoder_max_positions
+        base_model.config, latent_sizes, autoencoder_variant, autoencoder_max_positions, decoder_attention_heads
     )
     model = CompressedBartForConditionalGeneration(config)
     model.model.encoder.base.load_state_dict(base_model.model.encoder.state_dict())

@@ -69,8 +69,13 @@ class CompressedBartConfig(BartConfig):
         latent_sizes: list[int] | tuple[int, ...],
         autoencoder_variant: str = "paper",
         autoencoder_max_positions: int | None = None,
+        decoder_attention_heads: int | None = None,
     ) -> CompressedBartConfig:
-        """Derive the compressed config from a base BART config (heads, layers, FFN, vocab kept)."""
+        """Derive the compressed config from a base BART config (heads, layers, FFN, vocab kept).
+
+        ``decoder_attention_heads`` overrides the base's head count for latent sizes it does not
+        divide (e.g. 8 heads for a 256- or 128-wide decoder of bart-base, whose 12 heads need 384/504).
+        """
         if getattr(base, "model_type", None) != "bart":
             raise ValueError(
                 f"the base model must be a BART checkpoint (config model_type 'bart'), got "
@@ -80,6 +85,8 @@ class CompressedBartConfig(BartConfig):
         fields = base.to_dict()
         for key in ("model_type", "d_model", "architectures", "transformers_version"):
             fields.pop(key, None)
+        if decoder_attention_heads is not None:
+            fields["decoder_attention_heads"] = decoder_attention_heads
         return cls(
             encoder_d_model=base.d_model,
             latent_sizes=list(latent_sizes),
@@ -106,7 +113,8 @@ def validate_compression(config: CompressedBartConfig) -> None:
     if sizes[-1] % config.decoder_attention_heads:
         raise ValueError(
             f"the latent size {sizes[-1]} is not divisible by decoder_attention_heads "
-            f"({config.decoder_attention_heads}); pick a multiple of it (e.g. 384 or 504 for 12 heads)"
+            f"({config.decoder_attention_heads}); pick a multiple of it (e.g. 384 or 504 for 12 heads) or set "
+            "the decoder's head count (--decoder-heads 8 for 256 or 128)"
         )
     if config.autoencoder_variant not in AUTOENCODER_VARIANTS:
         raise ValueError(

@@ -161,3 +161,14 @@ def test_unknown_variant_and_non_bart_base_are_rejected():
 
     with pytest.raises(ValueError, match="must be a BART checkpoint"):
         CompressedBartConfig.from_base_config(T5Config(), [24, 16])
+
+
+def test_decoder_heads_can_be_set_for_latent_sizes_the_base_heads_do_not_divide():
+    with pytest.raises(ValueError, match="--decoder-heads 8 for 256 or 128"):
+        CompressedBartConfig.from_base_config(tiny_bart_config(), [24, 18])
+    config = CompressedBartConfig.from_base_config(tiny_bart_config(), [24, 18], decoder_attention_heads=3)
+    model = CompressedBartForConditionalGeneration(config).eval()
+    assert model.model.decoder.layers[0].self_attn.head_dim == 6
+    assert config.encoder_config().encoder_attention_heads == 4
+    ids, mask = random_batch([6])
+    assert model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3).shape[1] >= 2
