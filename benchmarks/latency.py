@@ -51,6 +51,7 @@ class Engine:
         names = {
             "transformers": "transformers (PyTorch)",
             "cbart": "cbart ONNX Runtime",
+            "cbart-cpp": "cbart C++ ONNX Runtime",
             "optimum": "Optimum ORTModelForSeq2SeqLM",
             "ctranslate2": "CTranslate2",
         }
@@ -92,17 +93,74 @@ def measure_bandwidth(threads: int) -> float:
     return matrix.numel() * 4 / best / 1e9
 
 
-def prepare(engine: Engine, cache: Path) -> Path:
+PEERS = ("optimum", "ctranslate2")
+
+
+def prepare(engine: Engine, cache: Path, peer_python: str) -> Path:
     if engine.system == "transformers":
         return checkpoint(engine.model, cache)
-    if engine.system == "cbart":
+    if engine.system in ("cbart", "cbart-cpp"):
         return onnx_export(engine.model, cache, engine.precision)
-    raise ValueError(f"no preparation for {engine.system}")
+    if engine.model.latent is not None:
+        raise ValueError(f"{engine.system} runs the full model only (it cannot load the compressed architecture)")
+    source = checkpoint(engine.model, cache)
+    bin_dir = Path(peer_python).parent
+    if engine.system == "optimum":
+        target = cache / "full-optimum"
+        command = [
+            str(bin_dir / "optimum-cli"),
+            "export",
+            "onnx",
+            "--model",
+            str(source),
+            "--task",
+            "text2text-generation-with-past",
+            str(target),
+        ]
+    elif engine.system == "ctranslate2":
+        target = cache / "full-ctranslate2"
+        command = [
+            str(bin_dir / "ct2-transformers-converter"),
+            "--model",
+            str(ctranslate2_source(source, cache)),
+            "--output_dir",
+            str(target),
+        ]
+    else:
+        raise ValueError(f"unknown system {engine.system!r}")
+    if not target.is_dir():
+        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        if completed.returncode != 0:
+            raise RuntimeError(f"preparing {engine.system} failed:\n{completed.stderr[-3000:]}")
+    return target
 
 
-def run_worker(engine: Engine, path: Path, cell: Cell, threads: int, repeats: int) -> dict[str, list[float]]:
+def ctranslate2_source(full: Path, cache: Path) -> Path:
+    """CTranslate2's converter wants BART's legacy config flags and a tokenizer of exactly vocab_size entries."""
+    import shutil
+
+    from transformers import BartTokenizer
+
+    target = cache / "full-ct2-source"
+    if (target / "config.json").is_file():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    for file in full.iterdir():
+        if file.name != "config.json":
+            shutil.copy2(file, target / file.name)
+    config = json.loads((full / "config.json").read_text())
+    config.update(normalize_before=False, normalize_embedding=True, add_final_layer_norm=False)
+    (target / "config.json").write_text(json.dumps(config))
+    tokenizer_dir = Path(os.environ.get("CBART_SHARED_DATA", ROOT.parent / "shared" / "data")) / "tokenizer" / "bart"
+    BartTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(target)
+    return target
+
+
+def run_worker(
+    engine: Engine, path: Path, cell: Cell, threads: int, repeats: int, peer_python: str
+) -> dict[str, list[float]]:
     command = [
-        sys.executable,
+        peer_python if engine.system in PEERS else sys.executable,
         "-m",
         "benchmarks.worker",
         "--system",
@@ -195,9 +253,10 @@ def plot(results: list[Result], directory: Path, stem: str) -> list[Path]:
         print("matplotlib is not installed: skipping plots (pip install 'cbart[bench]')", file=sys.stderr)
         return []
     written = []
-    reference = next((Cell(**r.cell) for r in results if r.cell["batch"] == 1 and r.cell["beams"] == 1), None)
+    first = Cell(**results[0].cell) if results else None
+    reference = next((Cell(**r.cell) for r in results if r.cell["batch"] == 1 and r.cell["beams"] == 1), first)
     cell_results = [r for r in results if reference and Cell(**r.cell) == reference]
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, axes = plt.subplots(1, 2, figsize=(14, max(4.5, 0.32 * len(cell_results) + 1)))
     for key in dict.fromkeys((r.system, r.precision) for r in cell_results):
         points = sorted(
             ((768 if r.model == "full" else int(r.model.split("-")[1])), r.per_token_ms)
@@ -211,7 +270,7 @@ def plot(results: list[Result], directory: Path, stem: str) -> list[Path]:
     axes[0].legend()
     baseline = next((r for r in cell_results if r.system == "transformers" and r.model == "full"), None)
     if baseline:
-        labels = [r.engine.replace(" / ", "\n") for r in cell_results]
+        labels = [r.engine.replace(" ONNX Runtime", "").replace(" (PyTorch)", "") for r in cell_results]
         axes[1].barh(labels, [baseline.median_s / r.median_s for r in cell_results])
         axes[1].axvline(1.0, color="grey", linewidth=0.8)
         axes[1].set_xlabel("speedup vs transformers full (end to end)")
@@ -237,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default=None, help="output file stem (default: latency-quick or latency)")
+    parser.add_argument("--replot", type=Path, default=None, help="redraw the plots of a results JSON and exit")
     parser.add_argument("--peers", default="", help="peer systems on the full model, e.g. optimum,ctranslate2:int8")
     parser.add_argument(
         "--peer-python",
@@ -244,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         help="interpreter of a venv with optimum-onnx / ctranslate2 (their pins may clash with ours)",
     )
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        results = [Result(**row) for row in json.loads(args.replot.read_text())["results"]]
+        for path in plot(results, args.replot.parent, args.replot.stem):
+            print(f"plot: {path}")
+        return 0
     if args.quick:
         args.models, args.batches, args.sources, args.beams, args.rounds = "full,384", "1", "512", "1", 2
     models = [ModelSpec(None if m == "full" else int(m)) for m in args.models.split(",")]
@@ -265,17 +330,25 @@ def main(argv: list[str] | None = None) -> int:
     paths = {engine: prepare(engine, args.cache, args.peer_python) for engine in engines}
     bandwidth = measure_bandwidth(args.threads)
     print(f"matrix-vector bandwidth with {args.threads} threads: {bandwidth:.1f} GB/s")
-    results = []
+    results: list[Result] = []
+    skipped: list[str] = []
     for cell in cells:
         rounds: dict[Engine, list[dict]] = {engine: [] for engine in engines}
+        failed: dict[Engine, str] = {}
         for round_index in range(args.rounds):
             for engine in engines:
+                if engine in failed:
+                    continue
                 print(f"  round {round_index + 1}/{args.rounds} {cell.label}: {engine.label}", flush=True)
-                rounds[engine].append(
-                    run_worker(engine, paths[engine], cell, args.threads, args.repeats, args.peer_python)
-                )
-        results += [summarise(engine, cell, rounds[engine], bandwidth) for engine in engines]
-    table = markdown(results)
+                try:
+                    rounds[engine].append(
+                        run_worker(engine, paths[engine], cell, args.threads, args.repeats, args.peer_python)
+                    )
+                except RuntimeError as error:
+                    failed[engine] = str(error).splitlines()[-1]
+        results += [summarise(engine, cell, rounds[engine], bandwidth) for engine in engines if engine not in failed]
+        skipped += [f"{engine.label} on {cell.label}: skipped ({reason})" for engine, reason in failed.items()]
+    table = markdown(results) + "".join(f"\n\n{line}" for line in skipped)
     print(table)
     stem = args.name or ("latency-quick" if args.quick else "latency")
     args.results.mkdir(parents=True, exist_ok=True)

@@ -93,14 +93,11 @@ def optimum_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Gen
 def ctranslate2_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Generate:
     import ctranslate2
 
+    compute_type = "int8_float32" if os.environ.get("CBART_PRECISION") == "int8" else "float32"
     translator = ctranslate2.Translator(
-        str(path),
-        device="cpu",
-        intra_threads=threads,
-        inter_threads=1,
-        compute_type=os.environ.get("CBART_CT2_COMPUTE", "default"),
+        str(path), device="cpu", intra_threads=threads, inter_threads=1, compute_type=compute_type
     )
-    vocabulary = [line.rstrip("\n") for line in (path / "shared_vocabulary.txt").open(encoding="utf-8")]
+    vocabulary = json.loads((path / "shared_vocabulary.json").read_text(encoding="utf-8"))
     tokens = [[vocabulary[i] for i in row] for row in ids.tolist()]
 
     def generate(new_tokens: int) -> None:
@@ -111,17 +108,46 @@ def ctranslate2_system(path: Path, ids: np.ndarray, beams: int, threads: int) ->
     return generate
 
 
+CPP_BINARY = Path(__file__).resolve().parents[1] / "runtime" / "cpp" / "build" / "cbart-generate"
+_CHILD_PIDS: list[int] = []
+
+
+def cpp_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Generate:
+    """The C++ runtime's example app as a persistent process: one JSON request line per generation."""
+    import subprocess
+
+    binary = Path(os.environ.get("CBART_CPP_BINARY", CPP_BINARY))
+    if not binary.is_file():
+        raise SystemExit(f"{binary} is not built; see runtime/cpp/README.md")
+    process = subprocess.Popen(
+        [str(binary), str(path), "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    _CHILD_PIDS.append(process.pid)
+    inputs = ids.tolist()
+
+    def generate(new_tokens: int) -> None:
+        request = {"input_ids": inputs, "num_beams": beams, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens}
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(json.dumps(request) + "\n")
+        process.stdin.flush()
+        if not process.stdout.readline():
+            raise SystemExit("cbart-generate exited; see its error above")
+
+    return generate
+
+
 SYSTEMS: dict[str, Callable[[Path, np.ndarray, int, int], Generate]] = {
     "transformers": transformers_system,
     "cbart": cbart_system,
+    "cbart-cpp": cpp_system,
     "optimum": optimum_system,
     "ctranslate2": ctranslate2_system,
 }
 
 
-def peak_rss_mib() -> float:
-    """This process's resident-set high-water mark (VmHWM; ru_maxrss would include the parent's at fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def peak_rss_mib(pid: int | str = "self") -> float:
+    """A process's resident-set high-water mark (VmHWM; ru_maxrss would include the parent's at fork)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -147,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             started = time.perf_counter()
             generate(count)
             bucket.append(time.perf_counter() - started)
-    peak_mib = peak_rss_mib()
+    peak_mib = max([peak_rss_mib()] + [peak_rss_mib(pid) for pid in _CHILD_PIDS])
     json.dump({"t1": first, "tn": full, "peak_rss_mib": peak_mib}, sys.stdout)
 
 

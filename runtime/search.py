@@ -180,9 +180,23 @@ def greedy_or_sample(
 
 
 def _top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Descending top-k along the last axis; ties keep the lower index first."""
-    order = np.argsort(-values, axis=-1, kind="stable")[..., :k]
-    return np.take_along_axis(values, order, axis=-1), order
+    """Descending top-k along the last axis of a 2-D array; ties keep the lower index first.
+
+    ``np.partition`` finds the k-th largest value in linear time; everything above it plus the lowest
+    indices equal to it are exactly the entries a stable full sort would put first.
+    """
+    rows, count = values.shape
+    if k >= count:
+        order = np.argsort(-values, axis=-1, kind="stable")[:, :k]
+        return np.take_along_axis(values, order, axis=-1), order
+    chosen = np.empty((rows, k), dtype=np.int64)
+    for row in range(rows):
+        line = values[row]
+        kth = np.partition(line, count - k)[count - k]
+        greater = np.flatnonzero(line > kth)
+        candidates = np.concatenate([greater, np.flatnonzero(line == kth)[: k - len(greater)]])
+        chosen[row] = candidates[np.argsort(-line[candidates], kind="stable")]
+    return np.take_along_axis(values, chosen, axis=-1), chosen
 
 
 def _gather(values: np.ndarray, indices: np.ndarray) -> np.ndarray:

@@ -1,0 +1,95 @@
+#include "manifest.hpp"
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "cbart/runtime.hpp"
+#include "sha256.hpp"
+
+namespace cbart {
+
+namespace {
+std::vector<std::string> names(const nlohmann::json& tensors) {
+  std::vector<std::string> out;
+  for (const auto& tensor : tensors) out.push_back(tensor.at("name").get<std::string>());
+  return out;
+}
+}  // namespace
+
+Manifest read_manifest(const std::string& directory, bool check_files) {
+  const std::string path = directory + "/manifest.json";
+  std::ifstream file(path);
+  if (!file) {
+    throw Error(directory + " has no manifest.json; is it a directory written by `cbart export`?");
+  }
+  nlohmann::json data;
+  try {
+    file >> data;
+  } catch (const nlohmann::json::exception& error) {
+    throw Error(path + " is not valid JSON (" + error.what() + "); re-run `cbart export`");
+  }
+  if (data.value("format", "") != "cbart-export") throw Error(path + " is not a cbart export manifest");
+  const int version = data.value("format_version", -1);
+  if (version != kFormatVersion) {
+    throw Error(directory + " uses export format version " + std::to_string(version) +
+                ", but this runtime reads version " + std::to_string(kFormatVersion) +
+                "; re-export the model with a matching cbart version");
+  }
+  Manifest manifest;
+  try {
+    manifest.backend = data.at("backend").get<std::string>();
+    if (manifest.backend != "onnx") {
+      throw Error(directory + " holds " + manifest.backend + " engines; the C++ runtime runs ONNX exports");
+    }
+    const auto& model = data.at("model");
+    manifest.decoder_layers = model.at("decoder_layers");
+    manifest.heads = model.at("decoder_attention_heads");
+    manifest.head_dim = model.at("head_dim");
+    manifest.vocab_size = model.at("vocab_size");
+    manifest.max_source_positions = model.at("max_source_positions");
+    const auto& tokens = data.at("tokens");
+    manifest.bos = tokens.at("bos");
+    manifest.pad = tokens.at("pad");
+    manifest.eos = tokens.at("eos");
+    manifest.decoder_start = tokens.at("decoder_start");
+    if (!tokens.at("forced_bos").is_null()) manifest.forced_bos = tokens.at("forced_bos").get<int64_t>();
+    if (!tokens.at("forced_eos").is_null()) manifest.forced_eos = tokens.at("forced_eos").get<int64_t>();
+    for (const auto& [name, graph] : data.at("graphs").items()) {
+      manifest.graph_files[name] = graph.at("file").get<std::string>();
+      manifest.inputs[name] = names(graph.at("inputs"));
+      manifest.outputs[name] = names(graph.at("outputs"));
+    }
+    const auto& generation = data.value("generation", nlohmann::json::object());
+    manifest.max_length = generation.value("max_length", 20);
+    manifest.min_length = generation.value("min_length", 0);
+    manifest.num_beams = generation.value("num_beams", 1);
+    manifest.no_repeat_ngram_size = generation.value("no_repeat_ngram_size", 0);
+    manifest.length_penalty = generation.value("length_penalty", 1.0f);
+    manifest.repetition_penalty = generation.value("repetition_penalty", 1.0f);
+    if (generation.contains("early_stopping")) {
+      const auto& stop = generation.at("early_stopping");
+      manifest.early_stopping = stop.is_string() ? stop.get<std::string>() : (stop.get<bool>() ? "true" : "false");
+    }
+    if (check_files) {
+      for (const auto& [name, entry] : data.at("files").items()) {
+        const std::string file_path = directory + "/" + name;
+        if (!std::ifstream(file_path)) {
+          throw Error(directory + " is missing " + name + ", listed in its manifest; re-run `cbart export`");
+        }
+        if (sha256_file(file_path) != entry.at("sha256").get<std::string>()) {
+          throw Error(name + " in " + directory +
+                      " does not match its manifest (sha256): the file was modified or corrupted; re-run `cbart export`");
+        }
+      }
+    }
+  } catch (const nlohmann::json::exception& error) {
+    throw Error(path + " is incomplete or malformed: " + error.what());
+  }
+  for (const char* graph : {"encoder", "cross_kv", "decoder_step"}) {
+    if (!manifest.graph_files.count(graph)) throw Error(path + " lists no " + std::string(graph) + " graph");
+  }
+  return manifest;
+}
+
+}  // namespace cbart

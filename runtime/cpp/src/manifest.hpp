@@ -1,0 +1,29 @@
+// manifest.json of an export directory: the contract written by `cbart export` (format version 1).
+#pragma once
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace cbart {
+
+constexpr int kFormatVersion = 1;
+
+struct Manifest {
+  int decoder_layers = 0, heads = 0, head_dim = 0, vocab_size = 0, max_source_positions = 0;
+  int64_t bos = 0, pad = 1, eos = 2, decoder_start = 2;
+  std::optional<int64_t> forced_bos, forced_eos;
+  std::map<std::string, std::string> graph_files;                  // graph name -> file
+  std::map<std::string, std::vector<std::string>> inputs, outputs;  // graph name -> tensor names
+  // generation defaults
+  int max_length = 20, min_length = 0, num_beams = 1, no_repeat_ngram_size = 0;
+  float length_penalty = 1.0f, repetition_penalty = 1.0f;
+  std::string early_stopping = "false";
+  std::string backend;
+};
+
+// Reads and validates DIR/manifest.json; with check_files, every listed file's sha256 is verified.
+Manifest read_manifest(const std::string& directory, bool check_files);
+
+}  // namespace cbart

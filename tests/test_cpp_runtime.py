@@ -1,0 +1,107 @@
+"""The C++ runtime (runtime/cpp): same export directory, same token ids as the Python runtime.
+
+Builds the library and ``cbart-generate`` with CMake once per session (skipped, saying why, when
+cmake, a compiler, nlohmann-json or npm for the ONNX Runtime headers is missing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_batch, tiny_compressed
+
+from compression import save_checkpoint
+from exporter.export import ExportOptions, export_onnx
+from runtime.generator import Seq2SeqRuntime
+
+ROOT = Path(__file__).resolve().parents[1]
+CPP = ROOT / "runtime" / "cpp"
+PAPER = {
+    "num_beams": 4,
+    "length_penalty": 2.0,
+    "no_repeat_ngram_size": 3,
+    "min_length": 55,
+    "max_length": 144,
+    "early_stopping": True,
+}
+
+
+@pytest.fixture(scope="session")
+def binary(tmp_path_factory) -> Path:
+    missing = [tool for tool in ("cmake", "c++", "npm") if shutil.which(tool) is None]
+    if missing or not Path("/usr/include/nlohmann/json.hpp").is_file():
+        pytest.skip(f"C++ toolchain incomplete (missing: {missing or ['nlohmann-json3-dev']}); see runtime/cpp/README")
+    build = Path(os.environ.get("CBART_CPP_BUILD", tmp_path_factory.mktemp("cpp-build")))
+    ort_root = build / "onnxruntime"
+    subprocess.run([str(CPP / "scripts" / "make_ort_root.sh"), str(ort_root)], check=True, capture_output=True)
+    subprocess.run(
+        ["cmake", "-S", str(CPP), "-B", str(build), f"-DONNXRUNTIME_ROOT={ort_root}"], check=True, capture_output=True
+    )
+    subprocess.run(["cmake", "--build", str(build), "-j", "2"], check=True, capture_output=True)
+    return build / "cbart-generate"
+
+
+@pytest.fixture(scope="module", params=["paper", "token"])
+def exported(request, tmp_path_factory):
+    model = tiny_compressed(request.param, seed=13, positions=160)
+    root = tmp_path_factory.mktemp(f"cpp-{request.param}")
+    save_checkpoint(model, root / "ckpt")
+    export_onnx(root / "ckpt", root / "onnx", ExportOptions(progress=False), log=lambda *_: None)
+    return model, root / "onnx"
+
+
+def run(binary: Path, directory: Path, requests: list[dict]) -> subprocess.CompletedProcess:
+    lines = "\n".join(json.dumps(r) for r in requests) + "\n"
+    return subprocess.run(
+        [str(binary), str(directory), "--threads", "1"], input=lines, capture_output=True, text=True, timeout=300
+    )
+
+
+def sequences(seed: int) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    ids, mask = random_batch([12, 5, 9], seed=seed)
+    return ids, mask, [row[: int(m.sum())].tolist() for row, m in zip(ids, mask, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"num_beams": 1, "max_new_tokens": 20},
+        PAPER,
+        {"num_beams": 3, "max_new_tokens": 15, "repetition_penalty": 1.3},
+        {"num_beams": 4, "num_return_sequences": 2, "max_new_tokens": 9, "early_stopping": "never"},
+    ],
+)
+def test_cpp_token_ids_equal_python_and_pytorch(binary, exported, settings):
+    model, directory = exported
+    ids, mask, inputs = sequences(seed=len(json.dumps(settings)))
+    completed = run(binary, directory, [{"input_ids": inputs, **settings}])
+    assert completed.returncode == 0, completed.stderr
+    got = json.loads(completed.stdout.splitlines()[0])["sequences"]
+    assert got == Seq2SeqRuntime.from_dir(directory).generate(inputs, **settings).sequences
+    assert got == model.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
+
+
+def test_cpp_errors_are_clear_and_do_not_crash(binary, exported, tmp_path):
+    _, directory = exported
+    completed = run(binary, directory, [{"input_ids": []}])
+    assert completed.returncode == 1 and "empty input" in completed.stderr
+    completed = run(binary, directory, [{"input_ids": [[0, 500, 2]]}])
+    assert completed.returncode == 1 and "token id 500 is outside the vocabulary" in completed.stderr
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    (copy / "cross_kv.onnx").write_bytes(b"tampered")
+    completed = run(binary, copy, [{"input_ids": [[0, 5, 2]]}])
+    assert completed.returncode == 1 and "does not match its manifest" in completed.stderr
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["format_version"] = 7
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    completed = run(binary, copy, [{"input_ids": [[0, 5, 2]]}])
+    assert completed.returncode == 1 and "format version 7, but this runtime reads version 1" in completed.stderr
+    completed = run(binary, tmp_path / "nothing", [])
+    assert completed.returncode == 1 and "has no manifest.json" in completed.stderr
