@@ -109,7 +109,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.out is not None:
         return 0 if run_demo(args.out, seed=args.seed, progress=not args.no_progress).passed else 1
     with tempfile.TemporaryDirectory() as directory:
-        return 0 if run_demo(Path(directory), seed=args.seed, progress=not args.no_progress).passed else 1
+        passed = run_demo(Path(directory), seed=args.seed, progress=not args.no_progress).passed
+    print("(the checkpoints were in a temporary directory, now removed: pass --out DIR to keep them)")
+    return 0 if passed else 1
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
