@@ -8,14 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-PAPER_GENERATION = {
-    "num_beams": 4,
-    "length_penalty": 2.0,
-    "no_repeat_ngram_size": 3,
-    "min_length": 55,
-    "max_length": 144,
-    "early_stopping": True,
-}
+from compression.config import PAPER_GENERATION
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:

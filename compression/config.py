@@ -8,6 +8,16 @@ from transformers import BartConfig
 
 AUTOENCODER_VARIANTS = ("paper", "token")
 
+# The paper's CNN/DailyMail generation settings (beam search; lengths count the decoder start token).
+PAPER_GENERATION = {
+    "num_beams": 4,
+    "length_penalty": 2.0,
+    "no_repeat_ngram_size": 3,
+    "min_length": 55,
+    "max_length": 144,
+    "early_stopping": True,
+}
+
 
 class CompressedBartConfig(BartConfig):
     """BART config for the compressed model.

@@ -17,19 +17,12 @@ import torch
 from conftest import random_batch, tiny_compressed
 
 from compression import save_checkpoint
+from compression.config import PAPER_GENERATION as PAPER
 from exporter.export import ExportOptions, export_onnx
 from runtime.generator import Seq2SeqRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 CPP = ROOT / "runtime" / "cpp"
-PAPER = {
-    "num_beams": 4,
-    "length_penalty": 2.0,
-    "no_repeat_ngram_size": 3,
-    "min_length": 55,
-    "max_length": 144,
-    "early_stopping": True,
-}
 
 
 @pytest.fixture(scope="session")
