@@ -232,6 +232,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         threads=args.threads,
         timing_cache=args.timing_cache,
         progress=not args.no_progress,
+        with_torch=args.with_torch,
     )
     if args.to == "trt":
         from exporter.engine_profiles import EngineLimits

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -176,8 +177,6 @@ class Seq2SeqRuntime:
         ``temperature``, ``seed``, ``num_return_sequences``. ``on_token`` (greedy and sampling)
         receives each step's new tokens, one per row.
         """
-        import time
-
         settings = self.settings(**generation)
         texts_in = False
         started = time.perf_counter()

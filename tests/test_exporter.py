@@ -225,7 +225,10 @@ def test_cli_generate_text_and_jsonl_with_the_real_tokenizer(tmp_path: Path, bar
 
     model = build_from_base(BartForConditionalGeneration(base), [24, 16], "token")
     save_checkpoint(model, tmp_path / "ckpt", bart_tokenizer)
-    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "onnx"), "--no-progress"]) == 0
+    assert (
+        main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "onnx"), "--no-progress", "--with-torch"]) == 0
+    )
+    assert (tmp_path / "onnx" / "torch" / "decoder_step.pt").is_file()
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "onnx"), "Hello world", "--max-new-tokens", "5", "--timing"]) == 0
     captured = capsys.readouterr()
@@ -253,6 +256,24 @@ def test_cli_generate_text_and_jsonl_with_the_real_tokenizer(tmp_path: Path, bar
     runtime = Seq2SeqRuntime.from_dir(tmp_path / "onnx")
     expected = runtime.generate(["Hello world"], max_new_tokens=4, num_beams=2).texts
     assert rows[0]["generated"] == expected[0]
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "onnx"),
+                "Hello world",
+                "--max-new-tokens",
+                "4",
+                "--num-beams",
+                "2",
+                "--backend",
+                "torch",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.rstrip("\n") == expected[0]
     ids = bart_tokenizer(["Hello world"], return_tensors="pt")
     reference = model.generate(**ids, max_new_tokens=4, num_beams=2)
     assert runtime.generate(["Hello world"], max_new_tokens=4, num_beams=2).sequences == reference.tolist()
