@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", default="128,512,1024")
     parser.add_argument("--beams", default="1,4")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="fresh processes per engine (3; --quick: 2)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"plot: {path}")
         return 0
     if args.quick:
-        args.models, args.batches, args.sources, args.beams, args.rounds = "full,384", "1", "512", "1", 2
+        args.models, args.batches, args.sources, args.beams = "full,384", "1", "512", "1"
+    args.rounds = args.rounds or (2 if args.quick else 3)
     models = [ModelSpec(None if m == "full" else int(m)) for m in args.models.split(",")]
     engines = []
     for system in args.systems.split(","):

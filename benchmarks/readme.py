@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
-LATENCY_FILES = ("latency-greedy.json", "latency-beam.json", "latency-quick.json")
+LATENCY_FILES = ("latency-greedy.json", "latency-beam.json", "latency-matrix.json", "latency-quick.json")
 
 
 def _find(data: dict, system: str, model: str, precision: str = "fp32") -> dict | None:
@@ -21,9 +22,38 @@ def _find(data: dict, system: str, model: str, precision: str = "fp32") -> dict 
     return None
 
 
+@dataclass(frozen=True)
+class Target:
+    """A speed target as a ratio ``slower / faster`` of one metric, measured in one results file.
+
+    ``reason`` explains a miss, formatted with both result rows (``slower``, ``faster``) so that its
+    numbers come from the same run; it is printed only when the measured ratio falls short.
+    """
+
+    file: str
+    description: str
+    slower: tuple[str, str, str]
+    faster: tuple[str, str, str]
+    metric: str
+    required: float
+    reason: str = ""
+
+
+ENCODER_BOUND = (
+    "decode runs at {faster[per_token_ms]:.1f} ms/token against a {faster[floor_ms]:.1f} ms bandwidth floor; the "
+    "rest is the fp32 encoder + first step ({faster[encoder_s]:.2f} s vs transformers' {slower[encoder_s]:.2f} s)"
+)
+SHARED_ENCODER = (
+    "the encoder is not compressed (only the decoder side is): both spend about {faster[encoder_s]:.2f} s in it, "
+    "so 2x end to end needs a much faster decode; measured per token {slower[per_token_ms]:.1f} vs "
+    "{faster[per_token_ms]:.1f} ms"
+)
+INT8_GEMV = (
+    "ONNX Runtime's dynamic-int8 MatMul on AVX2 without VNNI (this CPU) quantizes activations and widens "
+    "to 16 bits per step: the int8 decoder runs compute-bound, not bandwidth-bound"
+)
 TARGETS = [
-    # (file, description, numerator engine, denominator engine, metric, required ratio)
-    (
+    Target(
         "latency-greedy.json",
         "compressed-384 fp32 vs transformers full (end to end)",
         ("transformers", "full", "fp32"),
@@ -31,31 +61,34 @@ TARGETS = [
         "median_s",
         2.0,
     ),
-    (
+    Target(
         "latency-greedy.json",
         "compressed-384 int8 vs CTranslate2 int8 full (end to end)",
         ("ctranslate2", "full", "int8"),
         ("cbart", "compressed-384", "int8"),
         "median_s",
         2.0,
+        SHARED_ENCODER,
     ),
-    (
+    Target(
         "latency-beam.json",
         "beam 4: compressed-384 int8 vs CTranslate2 int8 full",
         ("ctranslate2", "full", "int8"),
         ("cbart", "compressed-384", "int8"),
         "median_s",
         2.0,
+        SHARED_ENCODER,
     ),
-    (
+    Target(
         "latency-greedy.json",
         "full model, cbart fp32 vs transformers (end to end)",
         ("transformers", "full", "fp32"),
         ("cbart", "full", "fp32"),
         "median_s",
         2.0,
+        ENCODER_BOUND,
     ),
-    (
+    Target(
         "latency-greedy.json",
         "full model, cbart fp32 vs Optimum fp32",
         ("optimum", "full", "fp32"),
@@ -63,7 +96,7 @@ TARGETS = [
         "median_s",
         1.0,
     ),
-    (
+    Target(
         "latency-greedy.json",
         "full model, cbart fp32 vs CTranslate2 fp32",
         ("ctranslate2", "full", "fp32"),
@@ -71,7 +104,7 @@ TARGETS = [
         "median_s",
         1.0,
     ),
-    (
+    Target(
         "latency-greedy.json",
         "full model, cbart int8 vs CTranslate2 int8",
         ("ctranslate2", "full", "int8"),
@@ -79,7 +112,7 @@ TARGETS = [
         "median_s",
         1.0,
     ),
-    (
+    Target(
         "latency-greedy.json",
         "per token: cbart compressed-384 vs cbart full (fp32)",
         ("cbart", "full", "fp32"),
@@ -87,7 +120,7 @@ TARGETS = [
         "per_token_ms",
         1.8,
     ),
-    (
+    Target(
         "latency-greedy.json",
         "C++ vs Python runtime, compressed-384 fp32 (end to end)",
         ("cbart", "compressed-384", "fp32"),
@@ -99,18 +132,22 @@ TARGETS = [
 
 
 def targets(results: Path) -> str:
-    lines = ["| target | required | measured (same run) | met |", "|---|---|---|---|"]
-    for file, description, slower, faster, metric, required in TARGETS:
-        path = results / file
+    lines = ["| target | required | measured (same run) | met | why missed |", "|---|---|---|---|---|"]
+    for target in TARGETS:
+        path = results / target.file
         if not path.is_file():
             continue
         data = json.loads(path.read_text())
-        a, b = _find(data, *slower), _find(data, *faster)
+        a, b = _find(data, *target.slower), _find(data, *target.faster)
         if a is None or b is None:
-            lines.append(f"| {description} | {required:.1f}x | not measured | - |")
+            lines.append(f"| {target.description} | {target.required:.1f}x | not measured | - | |")
             continue
-        ratio = a[metric] / b[metric]
-        lines.append(f"| {description} | {required:.1f}x | {ratio:.2f}x | {'yes' if ratio >= required else 'no'} |")
+        ratio = a[target.metric] / b[target.metric]
+        met = ratio >= target.required
+        reason = "" if met else target.reason.format(slower=a, faster=b)
+        lines.append(
+            f"| {target.description} | {target.required:.1f}x | {ratio:.2f}x | {'yes' if met else 'no'} | {reason} |"
+        )
     greedy = results / "latency-greedy.json"
     if greedy.is_file():
         data = json.loads(greedy.read_text())
@@ -119,10 +156,11 @@ def targets(results: Path) -> str:
             if row and row.get("floor_ms"):
                 ratio = row["per_token_ms"] / row["floor_ms"]
                 measured = f"{ratio:.2f}x ({row['per_token_ms']:.1f} vs {row['floor_ms']:.1f} ms)"
-                met = "yes" if ratio <= 1.3 else "no"
+                met = ratio <= 1.3
+                reason = "" if met or precision == "fp32" else INT8_GEMV
                 lines.append(
                     f"| decode ms/token within 1.3x of the bandwidth floor (compressed-384 {precision}) "
-                    f"| <= 1.30x | {measured} | {met} |"
+                    f"| <= 1.30x | {measured} | {'yes' if met else 'no'} | {reason} |"
                 )
     return "\n".join(lines)
 
@@ -150,6 +188,23 @@ def section(results: Path) -> str:
     if memory.is_file():
         data = json.loads(memory.read_text())
         parts.append(f"#### `python -m benchmarks.train_memory`\n{data['table']}\n")
+    quality = results / "quality.json"
+    if quality.is_file():
+        data = json.loads(quality.read_text())
+        parts.append(
+            f"#### `{data['command']}` ({data['date']}, {data['minutes']} minutes on 2 cores; Multi30k En->De test "
+            f"2016, greedy, trimmed vocabulary of {data['vocabulary']} BPE ids)\n{data['table']}\n"
+        )
+        if quality.with_suffix(".png").is_file():
+            parts.append("![quality](benchmarks/results/quality.png)\n")
+    smoke = results / "cnn-dailymail-smoke.json"
+    if smoke.is_file():
+        data = json.loads(smoke.read_text())
+        parts.append(
+            f"#### `python -m benchmarks.cnn_dailymail --smoke` ({data['date']}): the paper's CNN/DM protocol run end "
+            "to end on the 250 shared pairs with a tiny random model -- a check that the pipeline works, not a "
+            f"quality result (that needs bart-base and the full dataset)\n{data['table']}\n"
+        )
     return "\n".join(parts) if parts else "No benchmark results yet: run `cbart bench`.\n"
 
 

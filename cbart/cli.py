@@ -64,10 +64,10 @@ def _training_args(args: argparse.Namespace) -> Any:
 
 
 def _load_tokenizer(name_or_path: str) -> Any:
-    from transformers import AutoTokenizer
+    from compression.data import load_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return load_tokenizer(name_or_path)
     except (OSError, ValueError) as error:
         raise SystemExit(
             f"error: no tokenizer found at {name_or_path} ({error}); "

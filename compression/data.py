@@ -12,6 +12,21 @@ from typing import Any
 import torch
 
 
+def load_tokenizer(name_or_path: str | Path) -> Any:
+    """``AutoTokenizer``, or a BART byte-level BPE from a bare ``vocab.json`` + ``merges.txt`` folder.
+
+    A bare BPE folder (what the GPT-2/BART releases ship) has no config saying which tokenizer it
+    is, so ``AutoTokenizer`` cannot build it; the BART tokenizer reads those two files directly.
+    """
+    from transformers import AutoTokenizer, BartTokenizer
+
+    path = Path(name_or_path)
+    bare = (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+    if bare and not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return BartTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(name_or_path))
+
+
 def load_records(
     source: str | Path, split: str = "train", subset: str | None = None, limit: int | None = None
 ) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Training of the compressed model: stage 1 (autoencoder) and stage 2 (narrow decoder / classifier)."""
+"""Training of the compressed model: stage 1 (autoencoder) and stage 2 (narrow decoder / classifier),
+and the full-model fine-tuning they are compared against."""
 
 from compression.training.loop import TrainingArguments, TrainResult
 from compression.training.stages import (
@@ -7,6 +8,7 @@ from compression.training.stages import (
     train_autoencoder,
     train_classifier,
     train_decoder,
+    train_full_model,
 )
 
 __all__ = [
@@ -17,4 +19,5 @@ __all__ = [
     "train_autoencoder",
     "train_classifier",
     "train_decoder",
+    "train_full_model",
 ]

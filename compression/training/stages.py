@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 from torch import nn
+from transformers import PreTrainedModel
 
 from compression.autoencoder import LatentAutoencoder, reconstruction_loss
 from compression.checkpoint import save_checkpoint
@@ -43,7 +44,7 @@ def _pad_source_to(model: CompressedModel, compressor_trains: bool) -> int | Non
 
 
 def _saver(
-    model: CompressedModel, tokenizer: Any, extra: Callable[[], dict[str, bytes]] | None = None
+    model: PreTrainedModel, tokenizer: Any, extra: Callable[[], dict[str, bytes]] | None = None
 ) -> Callable[[Path, dict[str, Any]], None]:
     def write(directory: Path, state: dict[str, Any]) -> None:
         save_checkpoint(model, directory, tokenizer, state, extra() if extra else None, keep=(CHECKPOINTS,))
@@ -115,9 +116,7 @@ class Seq2SeqEvaluation:
     generation: dict[str, Any] = field(default_factory=dict)
 
 
-def evaluate_generation(
-    model: CompressedBartForConditionalGeneration, evaluation: Seq2SeqEvaluation
-) -> dict[str, float]:
+def evaluate_generation(model: PreTrainedModel, evaluation: Seq2SeqEvaluation) -> dict[str, float]:
     """Generate for every held-out example and score it with ``evaluation.metric``."""
     if evaluation.metric not in TEXT_METRICS:
         raise ValueError(f"unknown metric {evaluation.metric!r}; choose from {sorted(TEXT_METRICS)}")
@@ -167,6 +166,32 @@ def train_decoder(
         _compatibility(model, "decoder", [model]),
         evaluate,
         description="stage 2: decoder",
+    )
+    model.eval()
+    return result
+
+
+def train_full_model(
+    model: PreTrainedModel,
+    examples: Sequence[Example],
+    args: TrainingArguments,
+    tokenizer: Any = None,
+    evaluation: Seq2SeqEvaluation | None = None,
+) -> TrainResult:
+    """The baseline the paper compares against: fine-tune every weight of the uncompressed BART."""
+    model.to(args.device)
+    _set_trainable(model, True)
+    shapes = {name: list(p.shape) for name, p in model.named_parameters()}
+    result = fit(
+        list(model.parameters()),
+        lambda batch: model(**batch).loss,
+        examples,
+        Collator(model.config.pad_token_id),
+        args,
+        _saver(model, tokenizer),
+        {"stage": "full", "trainable_parameters": sorted(shapes)},
+        (lambda: evaluate_generation(model, evaluation)) if evaluation is not None else None,
+        description="full model",
     )
     model.eval()
     return result

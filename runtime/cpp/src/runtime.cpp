@@ -65,9 +65,51 @@ std::vector<const char*> c_names(const std::vector<std::string>& names) {
 
 class OrtModel;
 
+// The self-attention cache of one request in two buffers allocated once, sized for its longest
+// sequence. Each step reads the past from one side and ONNX Runtime writes the present straight into
+// the other (IO binding onto views of the buffers), so no step allocates; beam reordering gathers
+// rows across the two sides the same way. Cache tensor i of side s, at length t, is the contiguous
+// [rows, heads, t, head_dim] prefix of its slot.
+class KvBuffers {
+ public:
+  KvBuffers(int64_t tensors, int64_t rows, int64_t heads, int64_t capacity, int64_t head_dim)
+      : tensors_(tensors), rows_(rows), heads_(heads), capacity_(capacity), head_dim_(head_dim),
+        storage_{std::vector<float>(static_cast<size_t>(tensors * slot())),
+                 std::vector<float>(static_cast<size_t>(tensors * slot()))} {}
+
+  float* data(int side, int64_t tensor) { return storage_[side].data() + tensor * slot(); }
+
+  Ort::Value view(const Ort::MemoryInfo& memory, int side, int64_t tensor, int64_t length) {
+    if (length > capacity_) throw Error("internal error: the cache outgrew its preallocated length");
+    std::vector<int64_t> shape{rows_, heads_, length, head_dim_};
+    return Ort::Value::CreateTensor<float>(memory, data(side, tensor), static_cast<size_t>(row_size(length) * rows_),
+                                           shape.data(), shape.size());
+  }
+
+  // Copies rows `order` of side `from` (at `length`) into the other side, in that order.
+  void gather(int from, int64_t length, const std::vector<int64_t>& order) {
+    const int64_t size = row_size(length);
+    for (int64_t tensor = 0; tensor < tensors_; ++tensor) {
+      const float* source = data(from, tensor);
+      float* target = data(1 - from, tensor);
+      for (size_t row = 0; row < order.size(); ++row) {
+        std::memcpy(target + row * size, source + order[row] * size, sizeof(float) * size);
+      }
+    }
+  }
+
+ private:
+  int64_t slot() const { return rows_ * row_size(capacity_); }
+  int64_t row_size(int64_t length) const { return heads_ * length * head_dim_; }
+
+  int64_t tensors_, rows_, heads_, capacity_, head_dim_;
+  std::vector<float> storage_[2];
+};
+
 class OrtDecoderSession final : public DecoderSession {
  public:
-  OrtDecoderSession(OrtModel& model, std::vector<Ort::Value>& cross, Ort::Value& mask, int64_t rows);
+  OrtDecoderSession(OrtModel& model, std::vector<Ort::Value>& cross, Ort::Value& mask, int64_t rows,
+                    int max_length);
   std::vector<float> step(const std::vector<int64_t>& tokens) override;
   void reorder(const std::vector<int64_t>& rows) override;
   int64_t vocab() const override;
@@ -76,8 +118,13 @@ class OrtDecoderSession final : public DecoderSession {
   OrtModel& model_;
   std::vector<Ort::Value>& cross_;
   Ort::Value& mask_;
-  std::vector<Ort::Value> past_;
   int64_t rows_;
+  int64_t tensors_;
+  KvBuffers cache_;
+  int side_ = 0;        // which side of cache_ holds the past
+  int64_t length_ = 0;  // tokens in the past
+  std::vector<int64_t> ids_;
+  std::vector<float> logits_;
 };
 
 class OrtModel final : public Runtime {
@@ -118,7 +165,7 @@ class OrtModel final : public Runtime {
     std::vector<Ort::Value> cross = run("cross_kv", {"memory"}, {&states[0]});
     const auto encoded = Clock::now();
     const int64_t rows_per_source = settings.num_beams > 1 ? settings.num_beams : 1;
-    OrtDecoderSession session(*this, cross, mask_value, sources * rows_per_source);
+    OrtDecoderSession session(*this, cross, mask_value, sources * rows_per_source, settings.max_length);
     Rows output = settings.num_beams > 1 ? beam_search(session, sources, settings)
                                          : greedy_search(session, sources, settings);
     GenerationResult result;
@@ -143,6 +190,7 @@ class OrtModel final : public Runtime {
   }
 
   const Manifest& manifest() const { return manifest_; }
+  Ort::Session& session(const std::string& graph) { return sessions_.at(graph); }
   const Ort::MemoryInfo& memory() const { return memory_; }
 
  private:
@@ -206,56 +254,49 @@ class OrtModel final : public Runtime {
   std::map<std::string, Ort::Session> sessions_;
 };
 
-OrtDecoderSession::OrtDecoderSession(OrtModel& model, std::vector<Ort::Value>& cross, Ort::Value& mask, int64_t rows)
-    : model_(model), cross_(cross), mask_(mask), rows_(rows) {
-  const Manifest& m = model.manifest();
-  std::vector<int64_t> shape{rows, m.heads, 0, m.head_dim};
-  Ort::AllocatorWithDefaultOptions allocator;
-  for (int i = 0; i < 2 * m.decoder_layers; ++i) {
-    past_.push_back(Ort::Value::CreateTensor<float>(allocator, shape.data(), shape.size()));
-  }
-}
+OrtDecoderSession::OrtDecoderSession(OrtModel& model, std::vector<Ort::Value>& cross, Ort::Value& mask,
+                                     int64_t rows, int max_length)
+    : model_(model),
+      cross_(cross),
+      mask_(mask),
+      rows_(rows),
+      tensors_(2 * model.manifest().decoder_layers),
+      cache_(tensors_, rows, model.manifest().heads, max_length, model.manifest().head_dim),
+      ids_(static_cast<size_t>(rows)),
+      logits_(static_cast<size_t>(rows * model.manifest().vocab_size)) {}
 
 int64_t OrtDecoderSession::vocab() const { return model_.manifest().vocab_size; }
 
 std::vector<float> OrtDecoderSession::step(const std::vector<int64_t>& tokens) {
-  std::vector<int64_t> ids = tokens;
-  std::vector<int64_t> shape{static_cast<int64_t>(ids.size()), 1};
-  Ort::Value ids_value = Ort::Value::CreateTensor<int64_t>(model_.memory(), ids.data(), ids.size(), shape.data(), 2);
-  std::vector<std::string> names = model_.manifest().inputs.at("decoder_step");
-  std::vector<Ort::Value*> values{&ids_value, &mask_};
-  for (auto& value : past_) values.push_back(&value);
-  for (auto& value : cross_) values.push_back(&value);
-  std::vector<Ort::Value> outputs = model_.run("decoder_step", names, values);
-  const auto info = outputs[0].GetTensorTypeAndShapeInfo();
-  const std::vector<int64_t> logits_shape = info.GetShape();  // rows, steps, vocab
-  const int64_t vocab = logits_shape[2], steps = logits_shape[1];
-  const float* data = outputs[0].GetTensorData<float>();
-  std::vector<float> last(static_cast<size_t>(rows_ * vocab));
-  for (int64_t row = 0; row < rows_; ++row) {
-    std::memcpy(last.data() + row * vocab, data + (row * steps + steps - 1) * vocab, sizeof(float) * vocab);
+  const Manifest& m = model_.manifest();
+  const Ort::MemoryInfo& memory = model_.memory();
+  std::copy(tokens.begin(), tokens.end(), ids_.begin());
+  const std::vector<int64_t> ids_shape{rows_, 1}, logits_shape{rows_, 1, m.vocab_size};
+  Ort::IoBinding binding(model_.session("decoder_step"));
+  const std::vector<std::string>& inputs = m.inputs.at("decoder_step");
+  const std::vector<std::string>& outputs = m.outputs.at("decoder_step");
+  binding.BindInput(inputs[0].c_str(), Ort::Value::CreateTensor<int64_t>(memory, ids_.data(), ids_.size(),
+                                                                        ids_shape.data(), ids_shape.size()));
+  binding.BindInput(inputs[1].c_str(), mask_);
+  for (int64_t i = 0; i < tensors_; ++i) {
+    binding.BindInput(inputs[2 + i].c_str(), cache_.view(memory, side_, i, length_));
+    binding.BindOutput(outputs[1 + i].c_str(), cache_.view(memory, 1 - side_, i, length_ + 1));
   }
-  past_.clear();
-  for (size_t i = 1; i < outputs.size(); ++i) past_.push_back(std::move(outputs[i]));
-  return last;
+  for (size_t i = 0; i < cross_.size(); ++i) binding.BindInput(inputs[2 + tensors_ + i].c_str(), cross_[i]);
+  binding.BindOutput(outputs[0].c_str(), Ort::Value::CreateTensor<float>(memory, logits_.data(), logits_.size(),
+                                                                        logits_shape.data(), logits_shape.size()));
+  model_.session("decoder_step").Run(Ort::RunOptions{nullptr}, binding);
+  side_ = 1 - side_;
+  ++length_;
+  return logits_;
 }
 
 void OrtDecoderSession::reorder(const std::vector<int64_t>& rows) {
   bool identity = true;
   for (size_t i = 0; i < rows.size(); ++i) identity = identity && rows[i] == static_cast<int64_t>(i);
   if (identity) return;
-  Ort::AllocatorWithDefaultOptions allocator;
-  for (auto& value : past_) {
-    std::vector<int64_t> shape = value.GetTensorTypeAndShapeInfo().GetShape();
-    const int64_t row_size = shape[1] * shape[2] * shape[3];
-    Ort::Value copy = Ort::Value::CreateTensor<float>(allocator, shape.data(), shape.size());
-    const float* source = value.GetTensorData<float>();
-    float* target = copy.GetTensorMutableData<float>();
-    for (size_t i = 0; i < rows.size(); ++i) {
-      std::memcpy(target + i * row_size, source + rows[i] * row_size, sizeof(float) * row_size);
-    }
-    value = std::move(copy);
-  }
+  cache_.gather(side_, length_, rows);
+  side_ = 1 - side_;
 }
 
 }  // namespace

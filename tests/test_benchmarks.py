@@ -1,0 +1,72 @@
+"""The quality benchmarks end to end on the shared real data, at smoke size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import cnn_dailymail, quality
+from compression.config import PAPER_GENERATION
+from compression.data import Example, load_tokenizer
+
+
+def test_bare_bpe_folder_loads_as_the_bart_tokenizer(shared_data: Path) -> None:
+    tokenizer = load_tokenizer(shared_data / "tokenizer" / "bart")
+    assert tokenizer("Hello world")["input_ids"] == [0, 31414, 232, 2]
+
+
+def test_trimmed_vocabulary_round_trips_and_keeps_special_ids() -> None:
+    examples = [Example([0, 900, 17, 2], [0, 40000, 17, 2]), Example([0, 5, 2, 1], [0, 3, 2])]
+    vocabulary = quality.TrimmedVocabulary.from_examples(examples, [0, 1, 2, 3])
+    assert vocabulary.kept == (0, 1, 2, 3, 5, 17, 900, 40000)
+    compact = vocabulary.compact([0, 40000, 17, 2, 1])
+    assert compact == [0, 7, 5, 2, 1]
+    assert vocabulary.original(compact) == [0, 40000, 17, 2, 1]
+
+
+def test_trimmed_vocabulary_refuses_specials_that_are_not_the_smallest_ids() -> None:
+    with pytest.raises(ValueError, match="special ids"):
+        quality.TrimmedVocabulary.from_examples([Example([0, 5], [0, 5])], [0, 50264])
+
+
+def test_latent_sizes_scale_the_papers_projections() -> None:
+    assert cnn_dailymail.latent_sizes(384, 768) == (576, 480, 384)
+    assert cnn_dailymail.latent_sizes(384, 128) == (96, 80, 64)
+    with pytest.raises(ValueError, match="paper's latent sizes are \\[384, 504\\]"):
+        cnn_dailymail.latent_sizes(300, 768)
+
+
+def test_cnn_dailymail_protocol_smoke_runs_end_to_end(tmp_path: Path, shared_data: Path) -> None:
+    arguments = ["--smoke", "--train-limit", "8", "--test-limit", "2", "--max-steps", "2", "--latents", "384"]
+    code = cnn_dailymail.main(
+        [*arguments, "--work", str(tmp_path / "work"), "--results", str(tmp_path), "--no-progress"]
+    )
+    assert code == 0
+    payload = json.loads((tmp_path / "cnn-dailymail-smoke.json").read_text())
+    rows = {row["model"]: row for row in payload["rows"]}
+    assert list(rows) == ["full", "compressed-384"]
+    for row in rows.values():
+        assert all(0.0 <= row[name] <= 100.0 for name in ("rouge1", "rouge2", "rougeLsum"))
+    assert rows["compressed-384"]["decoder_parameters"] < rows["full"]["decoder_parameters"]
+    assert rows["full"]["rouge1_change_percent"] is None
+    assert payload["protocol"]["data"].endswith("test_frank250.jsonl")
+    for stage in ("full", "compressed-384-ae", "compressed-384"):
+        assert (tmp_path / "work" / stage / "config.json").is_file()
+    assert "| compressed-384 |" in payload["table"]
+    assert payload["generation"] == PAPER_GENERATION
+
+
+def test_quality_quick_preset_trains_exports_and_scores(tmp_path: Path, shared_data: Path, capsys) -> None:
+    assert quality.main(["--quick", "--work", str(tmp_path / "work"), "--results", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "quality-quick.json").read_text())
+    assert [row["model"] for row in payload["rows"]] == ["full (256)", "compressed-128"]
+    for row in payload["rows"]:
+        assert 0.0 <= row["bleu"] <= 100.0
+        assert row["decode_ms_per_token"] > 0
+    assert 1000 < payload["vocabulary"] < 50265
+    assert (tmp_path / "quality-quick.png").stat().st_size > 0
+    capsys.readouterr()
+    assert quality.main(["--quick", "--work", str(tmp_path / "work"), "--results", str(tmp_path)]) == 0
+    assert "reusing" in capsys.readouterr().out  # the second run measures without training again
