@@ -234,10 +234,12 @@ def markdown(results: list[Result], baseline_system: str = "transformers") -> st
         ]
         for r in rows:
             floor = f"{r.floor_ms:.1f} ({r.percent_of_floor:.0f}%)" if r.floor_ms and r.percent_of_floor else "-"
+            # T(N) - T(1) below zero means the run-to-run noise of the encoder exceeded the whole decode
+            per_token = f"{r.per_token_ms:.1f}" if r.per_token_ms > 0 else "noise > decode"
             speedup = f"{baseline.median_s / r.median_s:.2f}x" if baseline else "-"
             lines.append(
                 f"| {r.engine} | {r.median_s:.3f} ({r.min_s:.3f}-{r.max_s:.3f}) | {r.encoder_s:.3f} | "
-                f"{r.per_token_ms:.1f} | {r.tokens_per_s:.1f} | {r.peak_rss_mib:.0f} | {floor} | {speedup} |"
+                f"{per_token} | {r.tokens_per_s:.1f} | {r.peak_rss_mib:.0f} | {floor} | {speedup} |"
             )
     return "\n".join(lines)
 
@@ -296,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default=None, help="output file stem (default: latency-quick or latency)")
-    parser.add_argument("--replot", type=Path, default=None, help="redraw the plots of a results JSON and exit")
+    parser.add_argument(
+        "--replot", type=Path, default=None, help="redraw the table and plots of a results JSON and exit"
+    )
     parser.add_argument("--peers", default="", help="peer systems on the full model, e.g. optimum,ctranslate2:int8")
     parser.add_argument(
         "--peer-python",
@@ -305,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.replot is not None:
-        results = [Result(**row) for row in json.loads(args.replot.read_text())["results"]]
+        payload = json.loads(args.replot.read_text())
+        results = [Result(**row) for row in payload["results"]]
+        payload["table"] = markdown(results) + "".join(f"\n\n{line}" for line in payload.get("skipped", []))
+        args.replot.write_text(json.dumps(payload, indent=2))
         for path in plot(results, args.replot.parent, args.replot.stem):
             print(f"plot: {path}")
         return 0
@@ -361,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth_gb_s": bandwidth,
         "machine": f"{os.cpu_count()} CPUs",
         "results": [asdict(r) for r in results],
+        "skipped": skipped,
         "table": table,
     }
     (args.results / f"{stem}.json").write_text(json.dumps(payload, indent=2))

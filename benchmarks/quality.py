@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ class Budget:
     latents: tuple[tuple[int, ...], ...]
 
 
+STEP_FIELDS = ("base_steps", "autoencoder_steps", "decoder_steps")
 QUICK = Budget(512, 32, 40, 20, 40, ((192, 128),))
 FULL = Budget(29000, 1000, 1000, 150, 700, ((192, 128), (128, 64)))
 
@@ -216,11 +217,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--work", type=Path, default=None, help="where checkpoints go and are reused from")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every stage's steps (the default budget is ~1 epoch)"
+    )
     args = parser.parse_args(argv)
     if not (SHARED / "multi30k" / TRAIN_FILE).is_file():
         print(f"Multi30k not found under {SHARED} (set CBART_SHARED_DATA)", file=sys.stderr)
         return 2
     budget = QUICK if args.quick else FULL
+    if args.scale <= 0:
+        parser.error("--scale must be positive")
+    if args.scale != 1.0:
+        steps = {name: max(1, round(getattr(budget, name) * args.scale)) for name in STEP_FIELDS}
+        budget = replace(budget, **steps)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as temporary:
         work = args.work or Path(temporary)
@@ -235,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = "quality-quick" if args.quick else "quality"
     payload = {
         "date": datetime.date.today().isoformat(),
-        "command": "python -m benchmarks.quality" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python -m benchmarks.quality", *(argv if argv is not None else sys.argv[1:])]),
         "minutes": round((time.perf_counter() - started) / 60, 1),
         "budget": asdict(budget),
         "vocabulary": len(vocabulary.kept),

@@ -19,6 +19,7 @@ from compression.training import (
     train_autoencoder,
     train_classifier,
     train_decoder,
+    train_full_model,
 )
 from compression.training.stages import AUTOENCODER_FILE, classification_accuracy, to_classifier
 
@@ -73,6 +74,27 @@ def test_stage2_trains_only_the_decoder_by_default_and_evaluates(tmp_path: Path)
     assert all(0.0 <= e["exact_match"] <= 100.0 for e in result.evaluations)
     for name, tensor in model.model.encoder.state_dict().items():
         assert torch.equal(tensor, encoder_before[name]), name
+
+
+def test_full_model_baseline_trains_every_weight_and_saves_a_plain_bart(tmp_path: Path):
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(TASK.base_config(width=32, ffn=64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    held_out = TASK.sample(8, 1)
+    evaluation = Seq2SeqEvaluation(
+        examples=held_out,
+        references=[strip_specials(e.labels) for e in held_out],
+        decode=lambda batch: [strip_specials(ids) for ids in batch],
+        metric="exact_match",
+        generation={"max_new_tokens": 8},
+    )
+    result = train_full_model(model, TASK.sample(256, 0), args(tmp_path, "full", max_steps=30), evaluation=evaluation)
+    assert mean(result.losses[-5:]) < 0.9 * mean(result.losses[:5])
+    assert not torch.equal(model.model.encoder.layers[0].fc1.weight, before["model.encoder.layers.0.fc1.weight"])
+    assert not torch.equal(model.model.decoder.layers[0].fc1.weight, before["model.decoder.layers.0.fc1.weight"])
+    assert [e["step"] for e in result.evaluations] == [30]
+    saved = BartForConditionalGeneration.from_pretrained(tmp_path / "full")
+    torch.testing.assert_close(saved.model.decoder.layers[0].fc1.weight, model.model.decoder.layers[0].fc1.weight)
 
 
 def test_unfreezing_the_compressor_trains_it_with_padding_to_max_length(tmp_path: Path):
