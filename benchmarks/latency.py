@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.models import ModelSpec, checkpoint, decoder_step_bytes, onnx_export
+from benchmarks.plotting import pyplot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,7 @@ class Engine:
             "transformers": "transformers (PyTorch)",
             "cbart": "cbart ONNX Runtime",
             "cbart-cpp": "cbart C++ ONNX Runtime",
+            "cbart-torch": "cbart PyTorch reference",
             "optimum": "Optimum ORTModelForSeq2SeqLM",
             "ctranslate2": "CTranslate2",
         }
@@ -99,8 +101,10 @@ PEERS = ("optimum", "ctranslate2")
 def prepare(engine: Engine, cache: Path, peer_python: str) -> Path:
     if engine.system == "transformers":
         return checkpoint(engine.model, cache)
-    if engine.system in ("cbart", "cbart-cpp"):
-        return onnx_export(engine.model, cache, engine.precision)
+    if engine.system == "cbart-torch" and engine.precision != "fp32":
+        raise ValueError("cbart-torch (the PyTorch reference backend) runs fp32 only")
+    if engine.system in ("cbart", "cbart-cpp", "cbart-torch"):
+        return onnx_export(engine.model, cache, engine.precision, with_torch=engine.system == "cbart-torch")
     if engine.model.latent is not None:
         raise ValueError(f"{engine.system} runs the full model only (it cannot load the compressed architecture)")
     source = checkpoint(engine.model, cache)
@@ -246,13 +250,8 @@ def markdown(results: list[Result], baseline_system: str = "transformers") -> st
 
 def plot(results: list[Result], directory: Path, stem: str) -> list[Path]:
     """Per-token latency vs latent size per engine, and speedup vs transformers on the full model."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping plots (pip install 'cbart[bench]')", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return []
     written = []
     first = Cell(**results[0].cell) if results else None

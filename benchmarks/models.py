@@ -44,14 +44,17 @@ def checkpoint(spec: ModelSpec, cache: Path) -> Path:
     return path
 
 
-def onnx_export(spec: ModelSpec, cache: Path, precision: str = "fp32") -> Path:
-    """Export (once) to ONNX; int8 is dynamic quantization of the fp32 graphs."""
+def onnx_export(spec: ModelSpec, cache: Path, precision: str = "fp32", with_torch: bool = False) -> Path:
+    """Export (once) to ONNX; int8 is dynamic quantization of the fp32 graphs. ``with_torch`` adds the
+    TorchScript graphs of the runtime's PyTorch reference backend."""
     from exporter.export import ExportOptions, export_onnx
 
-    path = cache / f"{spec.name}-onnx-{precision}"
+    path = cache / f"{spec.name}-onnx-{precision}{'-torch' if with_torch else ''}"
     if (path / "manifest.json").is_file():
         return path
-    options = ExportOptions(quantize="int8" if precision == "int8" else None, verify=False, progress=False)
+    options = ExportOptions(
+        quantize="int8" if precision == "int8" else None, verify=False, progress=False, with_torch=with_torch
+    )
     export_onnx(checkpoint(spec, cache), path, options, log=lambda *_: None)
     return path
 

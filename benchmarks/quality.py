@@ -27,6 +27,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from benchmarks.plotting import pyplot
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CBART_SHARED_DATA", ROOT.parent / "shared" / "data"))
 TRAIN_FILE = "train.jsonl"
@@ -190,13 +192,8 @@ def evaluate(
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot (pip install 'cbart[bench]')", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     figure, axis = plt.subplots(figsize=(6, 4.5))
     axis.plot([r["decode_ms_per_token"] for r in rows], [r["bleu"] for r in rows], marker="o")

@@ -17,6 +17,8 @@ LATENCY_FILES = (
     "latency-beam.json",
     "latency-matrix.json",
     "latency-batch8.json",
+    "latency-beam-sources.json",
+    "latency-torch-reference.json",
     "latency-quick.json",
 )
 UNDERTRAINED_BLEU = 10.0  # below this a Multi30k model has not learned to translate yet
@@ -195,6 +197,8 @@ def section(results: Path) -> str:
     if memory.is_file():
         data = json.loads(memory.read_text())
         parts.append(f"#### `python -m benchmarks.train_memory`\n{data['table']}\n")
+        if memory.with_suffix(".png").is_file():
+            parts.append(f"![train memory](benchmarks/results/{memory.with_suffix('.png').name})\n")
     quality = results / "quality.json"
     if quality.is_file():
         data = json.loads(quality.read_text())

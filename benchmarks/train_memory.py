@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.plotting import pyplot
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["full", "504", "384", "256", "128"]
 
@@ -115,10 +117,31 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"train-memory-{args.device.split(':')[0]}.json").write_text(
+    stem = args.results / f"train-memory-{args.device.split(':')[0]}"
+    stem.with_suffix(".json").write_text(
         json.dumps({"settings": vars(args) | {"results": str(args.results)}, "rows": rows, "table": table}, indent=2)
     )
+    plot(rows, key, stem.with_suffix(".png"), f"one training step, batch {args.batch}, source {args.source}")
     return 0
+
+
+def plot(rows: list[dict], key: str, path: Path, title: str) -> None:
+    """Peak memory per model as bars, each labelled with its share of the full model's."""
+    plt = pyplot()
+    if plt is None:
+        return
+    names = ["full (768)" if row["variant"] == "full" else str(row["variant"]) for row in rows]
+    values = [row[key] for row in rows]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    bars = axis.bar(names, values)
+    for bar, value in zip(bars, values, strict=True):
+        axis.annotate(f"{value / values[0]:.2f}x", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom")
+    axis.set_xlabel("decoder width (compressed latent size)")
+    axis.set_ylabel(f"peak memory MiB ({key})")
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

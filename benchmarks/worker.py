@@ -13,6 +13,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +53,14 @@ def transformers_system(path: Path, ids: np.ndarray, beams: int, threads: int) -
     return generate
 
 
-def cbart_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Generate:
+def cbart_system(path: Path, ids: np.ndarray, beams: int, threads: int, backend: str = "onnxruntime") -> Generate:
     import torch
 
     from runtime.generator import Seq2SeqRuntime
 
-    torch.set_num_threads(1)  # keep torch's pool from clashing with ONNX Runtime's threads
-    runtime = Seq2SeqRuntime.from_dir(path, threads=threads, check_files=False)
+    if backend != "torch":
+        torch.set_num_threads(1)  # keep torch's pool from clashing with ONNX Runtime's threads
+    runtime = Seq2SeqRuntime.from_dir(path, backend=backend, threads=threads, check_files=False)
     sequences = ids.tolist()
 
     def generate(new_tokens: int) -> None:
@@ -139,6 +141,7 @@ def cpp_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Generat
 SYSTEMS: dict[str, Callable[[Path, np.ndarray, int, int], Generate]] = {
     "transformers": transformers_system,
     "cbart": cbart_system,
+    "cbart-torch": partial(cbart_system, backend="torch"),
     "cbart-cpp": cpp_system,
     "optimum": optimum_system,
     "ctranslate2": ctranslate2_system,

@@ -309,7 +309,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from runtime.generator import Seq2SeqRuntime
 
-    runtime = Seq2SeqRuntime.from_dir(args.directory, backend=args.backend, device=args.device, threads=args.threads)
+    runtime = Seq2SeqRuntime.from_dir(
+        args.directory, args.backend, args.device, args.threads, cuda_graphs=args.cuda_graphs
+    )
     settings = {
         "max_new_tokens": args.max_new_tokens,
         "min_new_tokens": args.min_new_tokens,
@@ -471,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--backend", choices=("onnxruntime", "tensorrt", "torch"), default="onnxruntime")
     generate.add_argument("--device", default="cpu", help="cpu, cuda or tensorrt (ONNX Runtime providers)")
     generate.add_argument("--threads", type=int, default=None)
+    generate.add_argument(
+        "--cuda-graphs", action="store_true", help="TensorRT: replay each decoder step as a CUDA graph"
+    )
     generate.add_argument("--timing", action="store_true", help="print encode/decode/total seconds to stderr")
     for flag, kind in (
         ("--max-new-tokens", int),

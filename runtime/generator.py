@@ -30,7 +30,11 @@ class GenerationOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def load_backend(directory: Path, manifest: Manifest, backend: str, device: str, threads: int | None) -> Backend:
+def load_backend(
+    directory: Path, manifest: Manifest, backend: str, device: str, threads: int | None, cuda_graphs: bool = False
+) -> Backend:
+    if cuda_graphs and backend != "tensorrt":
+        raise ValueError(f"cuda_graphs applies to the tensorrt backend only, not {backend!r}; drop cuda_graphs=True")
     if backend == "onnxruntime":
         if manifest.backend != "onnx":
             raise ValueError(f"{directory} holds {manifest.backend} engines; load it with backend='tensorrt'")
@@ -40,7 +44,7 @@ def load_backend(directory: Path, manifest: Manifest, backend: str, device: str,
     if backend == "tensorrt":
         from runtime.backends.tensorrt import TensorRTBackend
 
-        return TensorRTBackend(directory, manifest, device)
+        return TensorRTBackend(directory, manifest, device, cuda_graphs)
     if backend == "torch":
         from runtime.backends.torch_backend import TorchBackend
 
@@ -69,15 +73,22 @@ class Seq2SeqRuntime:
         device: str = "cpu",
         threads: int | None = None,
         check_files: bool = True,
+        cuda_graphs: bool = False,
     ) -> Seq2SeqRuntime:
-        """Load an export directory; ``check_files`` verifies every file's sha256 first."""
+        """Load an export directory; ``check_files`` verifies every file's sha256 first.
+
+        ``cuda_graphs`` (TensorRT only) captures each decoder step position once per request shape
+        and replays it for later requests of that shape, removing per-kernel launch overhead; its
+        buffers are per shape, so such a runtime serves one request at a time.
+        """
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         directory = Path(directory)
         manifest = read_manifest(directory, check_files=check_files)
         tokenizer_dir = directory / manifest.tokenizer_dir if manifest.tokenizer_dir else None
         tokenizer = TextTokenizer(tokenizer_dir) if tokenizer_dir and tokenizer_dir.is_dir() else None
-        return cls(directory, manifest, load_backend(directory, manifest, backend, device, threads), tokenizer)
+        loaded = load_backend(directory, manifest, backend, device, threads, cuda_graphs)
+        return cls(directory, manifest, loaded, tokenizer)
 
     # ----------------------------------------------------------------------------------- inputs
     def _to_ids(self, inputs: Inputs) -> tuple[list[list[int]], bool]:
@@ -188,7 +199,7 @@ class Seq2SeqRuntime:
             encoded = self.backend.encode(input_ids, mask)
         encoded_at = time.perf_counter()
         rows = settings.num_beams if settings.num_beams > 1 else settings.num_return_sequences
-        session = self.backend.start(encoded, rows)
+        session = self.backend.start(encoded, rows, settings.max_length)
         if settings.num_beams > 1:
             output = beam_search(session, encoded.sources, settings)
         else:

@@ -169,6 +169,8 @@ def test_directory_errors(exported, tmp_path):
         Seq2SeqRuntime.from_dir(bare, backend="torch", check_files=False)
     with pytest.raises(ValueError, match="unknown backend 'tvm'"):
         Seq2SeqRuntime.from_dir(directory, backend="tvm")
+    with pytest.raises(ValueError, match="cuda_graphs applies to the tensorrt backend only, not 'onnxruntime'"):
+        Seq2SeqRuntime.from_dir(directory, cuda_graphs=True)
     with pytest.raises(ExportDirectoryError, match="has no manifest.json"):
         Seq2SeqRuntime.from_dir(tmp_path)
     copy = tmp_path / "copy"

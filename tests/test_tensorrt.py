@@ -73,6 +73,23 @@ def test_engines_generate_pytorchs_token_ids(exports):
 
 
 @requires_trt
+def test_cuda_graph_replays_give_the_same_token_ids(exports):
+    _, root = exports
+    plain = Seq2SeqRuntime.from_dir(root / "trt", backend="tensorrt", device="cuda")
+    graphed = Seq2SeqRuntime.from_dir(root / "trt", backend="tensorrt", device="cuda", cuda_graphs=True)
+    ids, mask = random_batch([12, 5, 9], seed=3)
+    sequences = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask, strict=True)]
+    other = [row[::-1] for row in sequences]  # same shape, other values: replays must not keep stale inputs
+    for settings in (
+        {"num_beams": 1, "max_new_tokens": 16, "min_new_tokens": 16},
+        {"num_beams": 4, "length_penalty": 2.0, "no_repeat_ngram_size": 3, "max_new_tokens": 16},
+    ):
+        for batch in (sequences, other, sequences):  # the first captures, the others replay
+            assert graphed.generate(batch, **settings).sequences == plain.generate(batch, **settings).sequences
+    assert len(graphed.backend.step_graphs) == 2  # one set of graphs per request shape
+
+
+@requires_trt
 def test_polygraphy_parity_onnxruntime_vs_tensorrt_on_real_inputs(exports):
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner

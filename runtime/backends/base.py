@@ -36,6 +36,10 @@ class Backend(Protocol):
         """Run encoder, autoencoder and cross-K/V graphs."""
         ...
 
-    def start(self, encoded: EncodedBatch, rows_per_source: int) -> DecoderSession:
-        """A decoder session with an empty self-attention cache and ``rows_per_source`` rows per source."""
+    def start(self, encoded: EncodedBatch, rows_per_source: int, max_length: int | None = None) -> DecoderSession:
+        """A decoder session with an empty self-attention cache and ``rows_per_source`` rows per source.
+
+        ``max_length`` bounds the sequence length (decoder start included), for backends that size
+        buffers ahead; None means unknown.
+        """
         ...

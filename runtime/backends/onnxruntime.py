@@ -82,7 +82,7 @@ class OnnxRuntimeBackend:
         self.sessions["cross_kv"].run_with_iobinding(binding)
         return EncodedBatch(cross_kv=binding.get_outputs(), attention_mask=attention_mask, input_ids=input_ids)
 
-    def start(self, encoded: EncodedBatch, rows_per_source: int) -> OrtDecoderSession:
+    def start(self, encoded: EncodedBatch, rows_per_source: int, max_length: int | None = None) -> OrtDecoderSession:
         return OrtDecoderSession(self, encoded, encoded.sources * rows_per_source)
 
 

@@ -7,12 +7,13 @@ recorded in the manifest and checked here before anything is deserialized.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from runtime.backends.base import EncodedBatch
-from runtime.manifest import ExportDirectoryError, Manifest
+from runtime.manifest import ExportDirectoryError, Manifest, ModelDims
 from runtime.trt_support import cuda_compute_capability, import_tensorrt
 
 import_tensorrt()  # a clear error when TensorRT is missing (or only its type stubs are installed)
@@ -36,26 +37,118 @@ class EngineRunner:
             for index in range(self.engine.num_io_tensors)
             if self.engine.get_tensor_mode(self.engine.get_tensor_name(index)) == trt.TensorIOMode.OUTPUT
         ]
+        self.engine_inputs = [
+            self.engine.get_tensor_name(index)
+            for index in range(self.engine.num_io_tensors)
+            if self.engine.get_tensor_mode(self.engine.get_tensor_name(index)) == trt.TensorIOMode.INPUT
+        ]
         self.output_dtypes = {name: trt.nptype(self.engine.get_tensor_dtype(name)) for name in self.outputs}
 
     def __call__(self, stream: torch.cuda.Stream, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         for name, tensor in inputs.items():
             self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
         results: dict[str, torch.Tensor] = {}
         for name in self.outputs:
             dims = self.context.get_tensor_shape(name)
             shape = tuple(dims[index] for index in range(len(dims)))
-            dtype = torch.from_numpy(np.empty(0, dtype=self.output_dtypes[name])).dtype
-            results[name] = torch.empty(shape, dtype=dtype, device="cuda")
-            self.context.set_tensor_address(name, results[name].data_ptr())
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed; see the TensorRT log")
+            results[name] = torch.empty(shape, dtype=self.torch_dtype(name), device="cuda")
+        self.bind(self.context, inputs, results)
+        self.execute(self.context, stream)
         return results
+
+    def torch_dtype(self, name: str) -> torch.dtype:
+        return torch.from_numpy(np.empty(0, dtype=self.output_dtypes[name])).dtype
+
+    @staticmethod
+    def bind(context: trt.IExecutionContext, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """Input shapes, then every tensor's address (TensorRT reads and writes them in place)."""
+        for name, tensor in inputs.items():
+            context.set_input_shape(name, tuple(tensor.shape))
+        for name, tensor in {**inputs, **outputs}.items():
+            context.set_tensor_address(name, tensor.data_ptr())
+
+    @staticmethod
+    def execute(context: trt.IExecutionContext, stream: torch.cuda.Stream) -> None:
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed; see the TensorRT log")
+
+
+class StepGraphs:
+    """CUDA graphs of the decoder step for one request shape (rows, cross K/V shapes, max length).
+
+    A graph replays fixed kernels on fixed addresses and fixed shapes. TensorRT keeps shape-dependent
+    state in its execution context, so each step position t gets its own context, whose shapes are set
+    once and never change (all of them share one scratch allocation: steps run one after another on one
+    stream). Every buffer a step touches lives here at a fixed address: token ids, encoder mask, cross
+    K/V, the logits, and two cache sides sized for ``max_length`` (step t reads its past from side t % 2
+    and writes its present into the other). Step t's graph is captured the first time a request of
+    this shape reaches t, and replayed by every later request of the same shape.
+    """
+
+    def __init__(
+        self,
+        runner: EngineRunner,
+        rows: int,
+        cross: dict[str, torch.Tensor],
+        mask_shape: tuple[int, ...],
+        dims: ModelDims,
+        capacity: int,
+    ) -> None:
+        self.runner = runner
+        self.rows, self.heads, self.head_dim = rows, dims.decoder_attention_heads, dims.head_dim
+        self.capacity = capacity
+        self.past_names = [name for name in runner.engine_inputs if name.startswith("past_")]
+        self.ids = torch.zeros((rows, 1), dtype=torch.int64, device="cuda")
+        self.mask = torch.zeros(mask_shape, dtype=torch.int64, device="cuda")
+        self.cross = {name: torch.empty_like(value) for name, value in cross.items()}
+        slot = rows * self.heads * self.capacity * self.head_dim
+        self.sides = [
+            {name: torch.empty(slot, dtype=torch.float32, device="cuda") for name in self.past_names} for _ in range(2)
+        ]
+        self.logits = torch.empty((rows, 1, dims.vocab_size), dtype=runner.torch_dtype("logits"), device="cuda")
+        self.scratch = torch.empty(runner.engine.device_memory_size_v2, dtype=torch.uint8, device="cuda")
+        self.steps: dict[int, tuple[trt.IExecutionContext, torch.cuda.CUDAGraph]] = {}
+
+    def view(self, side: int, name: str, length: int) -> torch.Tensor:
+        size = self.rows * self.heads * length * self.head_dim
+        return self.sides[side][name][:size].view(self.rows, self.heads, length, self.head_dim)
+
+    def load(self, encoded: EncodedBatch) -> None:
+        """Copies one request's mask and cross K/V into the fixed buffers."""
+        self.mask.copy_(torch.from_numpy(np.ascontiguousarray(encoded.attention_mask)))
+        for name, value in encoded.cross_kv.items():
+            self.cross[name].copy_(value)
+
+    def step(self, position: int, tokens: np.ndarray, stream: torch.cuda.Stream) -> torch.Tensor:
+        self.ids.copy_(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).view(-1, 1))
+        if position in self.steps:
+            self.steps[position][1].replay()
+            return self.logits
+        context = self.runner.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+        past = {name: self.view(position % 2, name, position) for name in self.past_names}
+        present = {
+            name.replace("past_", "present_", 1): self.view((position + 1) % 2, name, position + 1)
+            for name in self.past_names
+        }
+        inputs = {"input_ids": self.ids, "encoder_attention_mask": self.mask, **self.cross, **past}
+        self.runner.bind(context, inputs, {"logits": self.logits, **present})
+        self.runner.execute(context, stream)  # this step's result; TensorRT also needs one launch before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            self.runner.execute(context, stream)
+        self.steps[position] = (context, graph)
+        return self.logits
+
+    def reorder(self, length: int, rows: np.ndarray) -> None:
+        index = torch.from_numpy(rows).cuda()
+        for name in self.past_names:
+            cache = self.view(length % 2, name, length)
+            cache.copy_(cache.index_select(0, index))
 
 
 class TensorRTBackend:
-    def __init__(self, directory: Path, manifest: Manifest, device: str = "cuda") -> None:
+    def __init__(self, directory: Path, manifest: Manifest, device: str = "cuda", cuda_graphs: bool = False) -> None:
         if manifest.backend != "tensorrt":
             raise ValueError(f"{directory} holds ONNX graphs; load it with backend='onnxruntime'")
         capability = cuda_compute_capability()
@@ -74,6 +167,8 @@ class TensorRTBackend:
         self.stream = torch.cuda.Stream()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines = {name: EngineRunner(runtime, directory / spec.file) for name, spec in manifest.graphs.items()}
+        self.cuda_graphs = cuda_graphs
+        self.step_graphs: dict[tuple[Any, ...], StepGraphs] = {}
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncodedBatch:
         with torch.cuda.stream(self.stream):
@@ -86,8 +181,24 @@ class TensorRTBackend:
         self.stream.synchronize()
         return EncodedBatch(cross_kv=cross, attention_mask=attention_mask, input_ids=input_ids)
 
-    def start(self, encoded: EncodedBatch, rows_per_source: int) -> TensorRTDecoderSession:
-        return TensorRTDecoderSession(self, encoded, encoded.sources * rows_per_source)
+    def start(
+        self, encoded: EncodedBatch, rows_per_source: int, max_length: int | None = None
+    ) -> TensorRTDecoderSession | GraphedDecoderSession:
+        rows = encoded.sources * rows_per_source
+        if not self.cuda_graphs or max_length is None:
+            return TensorRTDecoderSession(self, encoded, rows)
+        cross: dict[str, torch.Tensor] = encoded.cross_kv
+        key = (rows, max_length, *((name, tuple(value.shape)) for name, value in cross.items()))
+        if key not in self.step_graphs:
+            self.step_graphs[key] = StepGraphs(
+                self.engines["decoder_step"],
+                rows,
+                cross,
+                tuple(encoded.attention_mask.shape),
+                self.manifest.model,
+                max_length,
+            )
+        return GraphedDecoderSession(self, self.step_graphs[key], encoded)
 
 
 class TensorRTDecoderSession:
@@ -120,3 +231,26 @@ class TensorRTDecoderSession:
     def reorder(self, rows: np.ndarray) -> None:
         index = torch.from_numpy(rows).cuda()
         self.past = {name: value.index_select(0, index) for name, value in self.past.items()}
+
+
+class GraphedDecoderSession:
+    """A decoder session that replays ``StepGraphs``: one request at a time per request shape."""
+
+    def __init__(self, backend: TensorRTBackend, graphs: StepGraphs, encoded: EncodedBatch) -> None:
+        self.backend = backend
+        self.graphs = graphs
+        self.length = 0
+        with torch.cuda.stream(backend.stream):
+            graphs.load(encoded)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        with torch.cuda.stream(self.backend.stream):
+            logits = self.graphs.step(self.length, tokens, self.backend.stream)[:, -1, :].float().cpu()
+        self.length += 1
+        return logits.numpy()
+
+    def reorder(self, rows: np.ndarray) -> None:
+        if np.array_equal(rows, np.arange(len(rows))):
+            return
+        with torch.cuda.stream(self.backend.stream):
+            self.graphs.reorder(self.length, rows)

@@ -46,7 +46,7 @@ class TorchBackend:
         cross = list(self.graphs["cross_kv"](states))
         return EncodedBatch(cross_kv=cross, attention_mask=attention_mask, input_ids=input_ids)
 
-    def start(self, encoded: EncodedBatch, rows_per_source: int) -> TorchDecoderSession:
+    def start(self, encoded: EncodedBatch, rows_per_source: int, max_length: int | None = None) -> TorchDecoderSession:
         return TorchDecoderSession(self, encoded, encoded.sources * rows_per_source)
 
 
