@@ -19,6 +19,7 @@ LATENCY_FILES = (
     "latency-batch8.json",
     "latency-beam-sources.json",
     "latency-torch-reference.json",
+    "latency-beam-cpp.json",
     "latency-quick.json",
 )
 UNDERTRAINED_BLEU = 10.0  # below this a Multi30k model has not learned to translate yet

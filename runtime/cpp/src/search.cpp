@@ -4,7 +4,6 @@
 #include <cmath>
 #include <limits>
 #include <map>
-#include <numeric>
 #include <set>
 
 namespace cbart {
@@ -17,22 +16,33 @@ void log_softmax(std::vector<float>& logits, int64_t vocab) {
   for (size_t row = 0; row * vocab < logits.size(); ++row) {
     float* values = logits.data() + row * vocab;
     const float maximum = *std::max_element(values, values + vocab);
+    // float exp (as runtime/search.py's float32 NumPy path), summed in double: a beam step runs this over
+    // beams x vocab values, where double-precision exp costs milliseconds.
     double total = 0.0;
-    for (int64_t i = 0; i < vocab; ++i) total += std::exp(static_cast<double>(values[i] - maximum));
+    for (int64_t i = 0; i < vocab; ++i) total += std::exp(values[i] - maximum);
     const float log_total = static_cast<float>(std::log(total));
     for (int64_t i = 0; i < vocab; ++i) values[i] = (values[i] - maximum) - log_total;
   }
 }
 
-// Indices of the k largest values, descending; ties keep the lower index first.
+// Indices of the k largest values, descending; ties keep the lower index first. One pass with a k-entry
+// heap whose top is the worst entry kept: linear in count (k is 2 x beams), no index array over it.
 std::vector<int64_t> top_k(const float* values, int64_t count, int64_t k) {
-  std::vector<int64_t> order(static_cast<size_t>(count));
-  std::iota(order.begin(), order.end(), 0);
-  std::partial_sort(order.begin(), order.begin() + k, order.end(), [values](int64_t a, int64_t b) {
-    return values[a] > values[b] || (values[a] == values[b] && a < b);
-  });
-  order.resize(static_cast<size_t>(k));
-  return order;
+  const auto better = [values](int64_t a, int64_t b) { return values[a] > values[b] || (values[a] == values[b] && a < b); };
+  std::vector<int64_t> kept;
+  kept.reserve(static_cast<size_t>(k));
+  for (int64_t i = 0; i < count; ++i) {
+    if (static_cast<int64_t>(kept.size()) < k) {
+      kept.push_back(i);
+      std::push_heap(kept.begin(), kept.end(), better);
+    } else if (better(i, kept.front())) {
+      std::pop_heap(kept.begin(), kept.end(), better);
+      kept.back() = i;
+      std::push_heap(kept.begin(), kept.end(), better);
+    }
+  }
+  std::sort(kept.begin(), kept.end(), better);
+  return kept;
 }
 
 }  // namespace
