@@ -37,6 +37,16 @@ def args(tmp_path: Path, name: str, **overrides) -> TrainingArguments:
     return TrainingArguments(tmp_path / name, **{**settings, **overrides})
 
 
+def exact_match_evaluation(held_out: list[Example]) -> Seq2SeqEvaluation:
+    return Seq2SeqEvaluation(
+        examples=held_out,
+        references=[strip_specials(e.labels) for e in held_out],
+        decode=lambda batch: [strip_specials(ids) for ids in batch],
+        metric="exact_match",
+        generation={"max_new_tokens": 8},
+    )
+
+
 def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -58,14 +68,7 @@ def test_stage1_reconstruction_loss_decreases_and_updates_the_compressor(tmp_pat
 def test_stage2_trains_only_the_decoder_by_default_and_evaluates(tmp_path: Path):
     model = small_model("paper")
     encoder_before = {k: v.clone() for k, v in model.model.encoder.state_dict().items()}
-    held_out = TASK.sample(20, 1)
-    evaluation = Seq2SeqEvaluation(
-        examples=held_out,
-        references=[strip_specials(e.labels) for e in held_out],
-        decode=lambda batch: [strip_specials(ids) for ids in batch],
-        metric="exact_match",
-        generation={"max_new_tokens": 8},
-    )
+    evaluation = exact_match_evaluation(TASK.sample(20, 1))
     result = train_decoder(
         model, TASK.sample(256, 0), args(tmp_path, "dec", max_steps=30, eval_every=15), evaluation=evaluation
     )
@@ -80,14 +83,7 @@ def test_full_model_baseline_trains_every_weight_and_saves_a_plain_bart(tmp_path
     torch.manual_seed(0)
     model = BartForConditionalGeneration(TASK.base_config(width=32, ffn=64))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    held_out = TASK.sample(8, 1)
-    evaluation = Seq2SeqEvaluation(
-        examples=held_out,
-        references=[strip_specials(e.labels) for e in held_out],
-        decode=lambda batch: [strip_specials(ids) for ids in batch],
-        metric="exact_match",
-        generation={"max_new_tokens": 8},
-    )
+    evaluation = exact_match_evaluation(TASK.sample(8, 1))
     result = train_full_model(model, TASK.sample(256, 0), args(tmp_path, "full", max_steps=30), evaluation=evaluation)
     assert mean(result.losses[-5:]) < 0.9 * mean(result.losses[:5])
     assert not torch.equal(model.model.encoder.layers[0].fc1.weight, before["model.encoder.layers.0.fc1.weight"])

@@ -45,14 +45,13 @@ class EngineRunner:
         self.output_dtypes = {name: trt.nptype(self.engine.get_tensor_dtype(name)) for name in self.outputs}
 
     def __call__(self, stream: torch.cuda.Stream, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        for name, tensor in inputs.items():
-            self.context.set_input_shape(name, tuple(tensor.shape))
+        self.set_shapes(self.context, inputs)
         results: dict[str, torch.Tensor] = {}
         for name in self.outputs:
             dims = self.context.get_tensor_shape(name)
             shape = tuple(dims[index] for index in range(len(dims)))
             results[name] = torch.empty(shape, dtype=self.torch_dtype(name), device="cuda")
-        self.bind(self.context, inputs, results)
+        self.bind(self.context, {**inputs, **results})
         self.execute(self.context, stream)
         return results
 
@@ -60,11 +59,14 @@ class EngineRunner:
         return torch.from_numpy(np.empty(0, dtype=self.output_dtypes[name])).dtype
 
     @staticmethod
-    def bind(context: trt.IExecutionContext, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        """Input shapes, then every tensor's address (TensorRT reads and writes them in place)."""
+    def set_shapes(context: trt.IExecutionContext, inputs: dict[str, torch.Tensor]) -> None:
         for name, tensor in inputs.items():
             context.set_input_shape(name, tuple(tensor.shape))
-        for name, tensor in {**inputs, **outputs}.items():
+
+    @staticmethod
+    def bind(context: trt.IExecutionContext, tensors: dict[str, torch.Tensor]) -> None:
+        """Every tensor's address (TensorRT reads and writes them in place); input shapes must be set."""
+        for name, tensor in tensors.items():
             context.set_tensor_address(name, tensor.data_ptr())
 
     @staticmethod
@@ -132,7 +134,8 @@ class StepGraphs:
             for name in self.past_names
         }
         inputs = {"input_ids": self.ids, "encoder_attention_mask": self.mask, **self.cross, **past}
-        self.runner.bind(context, inputs, {"logits": self.logits, **present})
+        self.runner.set_shapes(context, inputs)
+        self.runner.bind(context, {**inputs, "logits": self.logits, **present})
         self.runner.execute(context, stream)  # this step's result; TensorRT also needs one launch before capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
