@@ -1,10 +1,12 @@
-"""Measure two export/runtime design choices on the bart-base-shaped compressed-384 model.
+"""Measure export/runtime design choices on bart-base-shaped models.
 
 1. ``--fuse-encoder``: encoder + autoencoder as one graph vs two graphs (encode time, 512 tokens).
-2. Beam-shared cross-attention K/V: one copy per input (cbart's default) vs one copy per beam (what
+2. ``--attention``: the full model's encoder self-attention as plain ONNX ops vs ONNX Runtime's fused
+   MultiHeadAttention (encode time, batch 1 and 8, 512 tokens).
+3. Beam-shared cross-attention K/V: one copy per input (cbart's default) vs one copy per beam (what
    the ONNX/TensorRT reference pipelines do): beam-4 generation time and cross-cache bytes.
 
-Both variants run alternately in one process, so drift hits them alike.
+The variants of each choice run alternately in one process, so drift hits them alike.
 
     python -m benchmarks.graph_choices
 """
@@ -16,6 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,30 +37,55 @@ def _timed(function, repeats: int) -> list[float]:
     return times
 
 
-def fused_encoder(cache: Path, threads: int, repeats: int) -> dict[str, float]:
+def encode_times(
+    spec: ModelSpec,
+    cache: Path,
+    variants: dict[str, dict[str, Any]],
+    shape: tuple[int, int],
+    threads: int,
+    repeats: int,
+) -> dict[str, float]:
+    """Median encode time (encoder [+ autoencoder] + cross K/V) of each export variant on one input shape.
+
+    ``variants`` maps a label to ``ExportOptions`` overrides; variants run alternately.
+    """
     from exporter.export import ExportOptions, export_onnx
     from runtime.generator import Seq2SeqRuntime
 
-    spec = ModelSpec(384)
-    directories = {}
-    for fused in (False, True):
-        directory = cache / f"{spec.name}-onnx-{'fused' if fused else 'split'}"
+    runtimes = {}
+    for label, overrides in variants.items():
+        directory = cache / f"{spec.name}-onnx-{label}"
         if not (directory / "manifest.json").is_file():
-            export_onnx(
-                checkpoint(spec, cache),
-                directory,
-                ExportOptions(fuse_encoder=fused, verify=False, progress=False),
-                log=lambda *_: None,
-            )
-        directories[fused] = Seq2SeqRuntime.from_dir(directory, threads=threads, check_files=False)
-    ids = source_ids(1, 512).tolist()
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for runtime in directories.values():
+            options = ExportOptions(verify=False, progress=False, **overrides)
+            export_onnx(checkpoint(spec, cache), directory, options, log=lambda *_: None)
+        runtimes[label] = Seq2SeqRuntime.from_dir(directory, threads=threads, check_files=False)
+    ids = source_ids(*shape).tolist()
+    times: dict[str, list[float]] = {label: [] for label in runtimes}
+    for runtime in runtimes.values():
         runtime.encode(ids)
     for _ in range(repeats):
-        for fused, runtime in directories.items():
-            times[fused] += _timed(lambda runtime=runtime: runtime.encode(ids), 1)
-    return {"split_encode_s": statistics.median(times[False]), "fused_encode_s": statistics.median(times[True])}
+        for label, runtime in runtimes.items():
+            times[label] += _timed(lambda runtime=runtime: runtime.encode(ids), 1)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def encoder_choices(cache: Path, threads: int, repeats: int) -> dict[str, float]:
+    """``--fuse-encoder`` on compressed-384, and ``--attention`` on the full model at batch 1 and 8."""
+    graphs = encode_times(
+        ModelSpec(384),
+        cache,
+        {"split": {"fuse_encoder": False}, "fused": {"fuse_encoder": True}},
+        (1, 512),
+        threads,
+        repeats,
+    )
+    results = {"split_encode_s": graphs["split"], "fused_encode_s": graphs["fused"]}
+    attention = {"attention-plain": {"attention": "plain"}, "attention-fused": {"attention": "fused"}}
+    for batch in (1, 8):
+        times = encode_times(ModelSpec(None), cache, attention, (batch, 512), threads, max(2, repeats // batch))
+        results[f"plain_attention_b{batch}_encode_s"] = times["attention-plain"]
+        results[f"fused_attention_b{batch}_encode_s"] = times["attention-fused"]
+    return results
 
 
 def beam_sharing(cache: Path, threads: int, repeats: int, beams: int = 4) -> dict[str, float]:
@@ -107,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     results = {
-        **fused_encoder(args.cache, args.threads, args.repeats),
+        **encoder_choices(args.cache, args.threads, args.repeats),
         **beam_sharing(args.cache, args.threads, max(2, args.repeats // 2)),
     }
     table = "\n".join(
@@ -116,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             "|---|---|---|",
             f"| encoder graphs (512 tokens, encode s) | split: {results['split_encode_s']:.3f} | "
             f"fused: {results['fused_encode_s']:.3f} |",
+            *(
+                f"| full-model encoder self-attention (batch {batch}, 512 tokens, encode s) | "
+                f"plain ops: {results[f'plain_attention_b{batch}_encode_s']:.3f} | "
+                f"fused MultiHeadAttention: {results[f'fused_attention_b{batch}_encode_s']:.3f} |"
+                for batch in (1, 8)
+            ),
             f"| cross K/V at beam 4 (src 512, 64 new, s) | shared: {results['shared_beam4_s']:.3f} | "
             f"per beam: {results['per_beam_beam4_s']:.3f} |",
             f"| cross K/V cache (MiB) | shared: {results['shared_cross_cache_mib']:.1f} | "

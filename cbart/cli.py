@@ -223,6 +223,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     options = ExportOptions(
         opset=args.opset,
         fuse_encoder=args.fuse_encoder,
+        attention=args.attention,
         optimize=args.optimize,
         dtype=args.dtype,
         quantize=args.quantize,
@@ -435,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--fuse-encoder", action="store_true", help="encoder + autoencoder as one graph")
+    export.add_argument(
+        "--attention",
+        choices=("auto", "fused", "plain"),
+        default="auto",
+        help="encoder self-attention: ONNX Runtime's fused MultiHeadAttention or standard ops "
+        "(auto: fused for --to onnx, plain for --to trt)",
+    )
     export.add_argument("--optimize", action="store_true", help="ONNX Runtime transformer fusions")
     export.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX precision")
     export.add_argument("--quantize", choices=("int8",), default=None, help="dynamic int8 for CPU")

@@ -39,6 +39,12 @@ GENERATION_FIELDS = (
 )
 
 
+ATTENTION_CHOICES = ("auto", "fused", "plain")
+"""Encoder self-attention in the ONNX graphs: ``fused`` = ONNX Runtime's MultiHeadAttention contrib op
+(faster on ONNX Runtime, unknown to TensorRT's parser), ``plain`` = standard ops, ``auto`` = fused for
+ONNX exports and plain for TensorRT engines."""
+
+
 class ExportError(RuntimeError):
     """The export could not be produced or failed its verification; nothing was written."""
 
@@ -47,6 +53,7 @@ class ExportError(RuntimeError):
 class ExportOptions:
     opset: int = 17
     fuse_encoder: bool = False
+    attention: str = "auto"
     optimize: bool = False
     dtype: str = "fp32"
     quantize: str | None = None
@@ -66,6 +73,8 @@ class ExportOptions:
                 f"--dtype {self.dtype} is not supported for ONNX export; use fp32 or fp16 "
                 "(bf16 is available for TensorRT engines: --to trt --bf16)"
             )
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
         if self.quantize not in (None, "int8"):
             raise ValueError(f"--quantize supports int8 only, got {self.quantize!r}")
         if self.quantize and self.dtype != "fp32":
@@ -179,6 +188,7 @@ def _write_onnx(
     tmp: Path,
     options: ExportOptions,
     log: Callable[..., None],
+    fused_attention: bool,
 ) -> tuple[Manifest, dict[str, dict[str, int]]]:
     """Export, optimise/convert/quantise the graphs into ``tmp`` and write their manifest."""
     graphs = {}
@@ -186,7 +196,9 @@ def _write_onnx(
     fused: dict[str, dict[str, int]] = {}
     dims = model_dims(model)
     for definition in tqdm(
-        graph_definitions(model, options.fuse_encoder), desc="exporting graphs", disable=not options.progress
+        graph_definitions(model, options.fuse_encoder, fused_attention),
+        desc="exporting graphs",
+        disable=not options.progress,
     ):
         graphs[definition.name] = export_graph(definition, tmp, options.opset)
         if options.with_torch:
@@ -260,7 +272,7 @@ def export_onnx(
     result: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
-        manifest, fused = _write_onnx(model, checkpoint, tmp, options, log)
+        manifest, fused = _write_onnx(model, checkpoint, tmp, options, log, options.attention != "plain")
         report = _verify(model, tmp, manifest, options, log) if options.verify else None
         result.update(manifest=manifest, report=report, fused=fused)
 
@@ -277,18 +289,23 @@ def export_tensorrt(
 ) -> ExportResult:
     """fp32 ONNX graphs (verified on ONNX Runtime), then one TensorRT engine per graph.
 
-    Fails before touching the disk when TensorRT or a GPU is missing.
+    Fails before touching the disk on options TensorRT cannot use or when TensorRT or a GPU is missing.
     """
     from runtime.trt_support import TensorRTUnavailable, require_tensorrt
 
     options = options or ExportOptions()
     out = Path(out)
+    if options.dtype != "fp32" or options.quantize:
+        raise ExportError("for --to trt choose precision with --fp16/--bf16; --dtype/--quantize apply to ONNX exports")
+    if options.attention == "fused":
+        raise ExportError(
+            "--attention fused uses ONNX Runtime's MultiHeadAttention contrib op, which TensorRT's ONNX parser "
+            "cannot read; use --attention plain (or auto) with --to trt"
+        )
     try:
         require_tensorrt()
     except TensorRTUnavailable as error:
         raise ExportError(f"cannot build TensorRT engines: {error}. Nothing was written.") from error
-    if options.dtype != "fp32" or options.quantize:
-        raise ExportError("for --to trt choose precision with --fp16/--bf16; --dtype/--quantize apply to ONNX exports")
     _check_destination(out, options)
     from exporter.tensorrt_build import build_engine, engine_metadata
 
@@ -298,7 +315,7 @@ def export_tensorrt(
     def write(tmp: Path) -> None:
         staging = tmp / "onnx"
         staging.mkdir()
-        manifest, _ = _write_onnx(model, checkpoint, staging, options, log)
+        manifest, _ = _write_onnx(model, checkpoint, staging, options, log, fused_attention=False)
         report = _verify(model, staging, manifest, options, log) if options.verify else None
         timing_cache = Path(options.timing_cache) if options.timing_cache else tmp / "timing.cache"
         for name, spec in tqdm(manifest.graphs.items(), desc="building TensorRT engines", disable=not options.progress):

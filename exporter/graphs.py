@@ -23,7 +23,11 @@ shared with the trained model); tests and the export's own verification hold it 
 
 from __future__ import annotations
 
+from typing import Any
+
+import onnx
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import BartForConditionalGeneration
 from transformers.activations import ACT2FN
@@ -39,14 +43,78 @@ def model_parts(model: BartForConditionalGeneration) -> tuple[nn.Module, nn.Modu
 
 
 class EncoderGraph(nn.Module):
-    """input_ids, attention_mask -> encoder hidden states (base width)."""
+    """input_ids, attention_mask -> encoder hidden states (base width).
 
-    def __init__(self, model: BartForConditionalGeneration) -> None:
+    ``fused_attention`` re-states transformers' post-LayerNorm encoder layer with every
+    self-attention as one ``com.microsoft.MultiHeadAttention`` node. The plain export spells
+    attention out as MatMul/Softmax/MatMul and materialises ``[batch, heads, S, S]`` scores per
+    layer; ONNX Runtime's fused kernel does not, which made the bart-base encoder 18% faster at
+    batch 1 / source 512 and 27% at batch 8 on 2 CPU threads. TensorRT's ONNX parser has no
+    contrib ops, so engines are built from the plain graph. Without the flag this is transformers'
+    own encoder, which the export verification uses as its reference.
+    """
+
+    def __init__(self, model: BartForConditionalGeneration, fused_attention: bool = False) -> None:
         super().__init__()
         self.encoder, _ = model_parts(model)
+        self.fused_attention = fused_attention
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if not self.fused_attention:
+            return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        encoder = self.encoder
+        hidden = encoder.embed_tokens(input_ids) + encoder.embed_positions(input_ids)
+        hidden = encoder.layernorm_embedding(hidden)
+        for layer in encoder.layers:
+            attn = layer.self_attn
+            projections = [F.linear(hidden, proj.weight) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
+            bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            attend = _FusedSelfAttention.apply if torch.onnx.is_in_onnx_export() else _self_attention
+            context = attend(*projections, bias, attention_mask, attn.num_heads)
+            hidden = layer.self_attn_layer_norm(hidden + attn.out_proj(context))
+            feed_forward = layer.fc2(layer.activation_fn(layer.fc1(hidden)))
+            hidden = layer.final_layer_norm(hidden + feed_forward)
+        return hidden
+
+
+def _self_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, heads: int
+) -> torch.Tensor:
+    """Bidirectional attention over a key padding mask: ``[B, S, d]`` bias-free projections, packed ``[3d]`` biases."""
+    batch, length, width = query.shape
+    query = _split_heads(query + bias[:width], heads)
+    key = _split_heads(key + bias[width : 2 * width], heads)
+    value = _split_heads(value + bias[2 * width :], heads)
+    blocked = (1.0 - mask[:, None, None, :].to(query.dtype)) * torch.finfo(query.dtype).min
+    context = F.scaled_dot_product_attention(query, key, value, attn_mask=blocked)
+    return context.transpose(1, 2).reshape(batch, length, width)
+
+
+class _FusedSelfAttention(torch.autograd.Function):
+    """``_self_attention`` exported as one ``com.microsoft.MultiHeadAttention`` node.
+
+    The node takes the same inputs (it adds the packed biases itself, mask 1 = token) and, like
+    BART, scales by ``head_dim ** -0.5``. Used only while exporting to ONNX: a TorchScript trace
+    cannot save a Python autograd function.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bias: torch.Tensor,
+        mask: torch.Tensor,
+        heads: int,
+    ) -> torch.Tensor:
+        return _self_attention(query, key, value, bias, mask, heads)
+
+    @staticmethod
+    def symbolic(g: Any, query: Any, key: Any, value: Any, bias: Any, mask: Any, heads: int) -> Any:
+        mask = g.op("Cast", mask, to_i=onnx.TensorProto.INT32)
+        node = g.op("com.microsoft::MultiHeadAttention", query, key, value, bias, mask, num_heads_i=heads)
+        return node.setType(query.type())
 
 
 class AutoencoderGraph(nn.Module):
@@ -70,9 +138,9 @@ class AutoencoderGraph(nn.Module):
 class FusedEncoderGraph(nn.Module):
     """Encoder and autoencoder in one graph (``--fuse-encoder``); for a plain BART, just the encoder."""
 
-    def __init__(self, model: BartForConditionalGeneration) -> None:
+    def __init__(self, model: BartForConditionalGeneration, fused_attention: bool = False) -> None:
         super().__init__()
-        self.encoder = EncoderGraph(model)
+        self.encoder = EncoderGraph(model, fused_attention)
         compressor = model_parts(model)[1]
         self.compressor = compressor if compressor is not None else nn.Identity()
 

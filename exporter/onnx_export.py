@@ -51,8 +51,13 @@ def _caches(prefix: str, batch: str, length: str, dims: dict[str, int]) -> dict[
     return shapes
 
 
-def graph_definitions(model: BartForConditionalGeneration, fuse_encoder: bool) -> list[GraphDefinition]:
-    """The graphs of the export directory and how their axes are named (see ``exporter.graphs``)."""
+def graph_definitions(
+    model: BartForConditionalGeneration, fuse_encoder: bool, fused_attention: bool = False
+) -> list[GraphDefinition]:
+    """The graphs of the export directory and how their axes are named (see ``exporter.graphs``).
+
+    ``fused_attention`` exports the encoder's self-attention as ONNX Runtime contrib nodes.
+    """
     config = model.config
     _, compressor = model_parts(model)
     base_width = getattr(config, "encoder_d_model", config.d_model)
@@ -72,7 +77,7 @@ def graph_definitions(model: BartForConditionalGeneration, fuse_encoder: bool) -
         definitions.append(
             GraphDefinition(
                 "encoder",
-                FusedEncoderGraph(model),
+                FusedEncoderGraph(model, fused_attention),
                 (ids, mask),
                 source_axes,
                 {"memory": ["batch", "source_length", config.d_model]},
@@ -83,7 +88,7 @@ def graph_definitions(model: BartForConditionalGeneration, fuse_encoder: bool) -
         definitions.append(
             GraphDefinition(
                 "encoder",
-                EncoderGraph(model),
+                EncoderGraph(model, fused_attention),
                 (ids, mask),
                 source_axes,
                 {"hidden_states": ["batch", "source_length", base_width]},

@@ -124,12 +124,15 @@ def test_decoder_step_accepts_an_empty_past_and_beam_shared_cross_kv(checkpoint:
         ({"quantize": "int8"}, 4),
         ({"dtype": "fp16"}, 4),
         ({"fuse_encoder": True}, 3),
+        ({"attention": "plain"}, 4),
     ],
 )
 def test_variants_are_verified(checkpoint: Path, tmp_path: Path, variant, graphs):
     result = export_onnx(checkpoint, tmp_path / "onnx", options(**variant), log=quiet)
     assert len(result.manifest.graphs) == graphs
     assert result.manifest.verification["passed"]
+    attention_nodes = encoder_attention_nodes(tmp_path / "onnx")
+    assert attention_nodes == (0 if variant.get("attention") == "plain" else 2)  # one per encoder layer
     assert result.report is not None and result.report.greedy_cases == 4
     if "optimize" in variant:
         assert result.fused["decoder_step"].get("SkipLayerNormalization", 0) > 0
@@ -142,6 +145,27 @@ def test_variants_are_verified(checkpoint: Path, tmp_path: Path, variant, graphs
         )
     runtime = Seq2SeqRuntime.from_dir(tmp_path / "onnx")
     assert len(runtime.generate([[0, 5, 6, 2]], num_beams=2, max_new_tokens=4).sequences) == 1
+
+
+def encoder_attention_nodes(directory: Path) -> int:
+    graph = onnx.load(str(directory / "encoder.onnx")).graph
+    return sum(node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft" for node in graph.node)
+
+
+def test_fused_attention_encoder_matches_transformers_on_padded_batches(tmp_path: Path):
+    torch.manual_seed(5)
+    model = BartForConditionalGeneration(tiny_bart_config()).eval()
+    model.save_pretrained(tmp_path / "bart")
+    export_onnx(tmp_path / "bart", tmp_path / "onnx", options(verify=False), log=quiet)
+    assert encoder_attention_nodes(tmp_path / "onnx") == model.config.encoder_layers
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "encoder.onnx"))
+    for lengths in ([9, 3, 6], [2], [30, 30]):
+        ids, mask = random_batch(lengths, seed=len(lengths))
+        with torch.no_grad():
+            expected = model.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+        actual = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        tokens = mask.numpy().astype(bool)
+        np.testing.assert_allclose(actual[tokens], expected[tokens], atol=2e-5)
 
 
 def test_failed_verification_writes_nothing_and_reports_numbers(checkpoint: Path, tmp_path: Path, monkeypatch):
@@ -174,6 +198,8 @@ def test_tensorrt_without_tensorrt_fails_at_once_and_writes_nothing(checkpoint: 
 
     with pytest.raises(ExportError, match="cannot build TensorRT engines: .*Nothing was written"):
         export_tensorrt(checkpoint, tmp_path / "trt", EngineLimits(), options(), log=quiet)
+    with pytest.raises(ExportError, match="TensorRT's ONNX parser cannot read; use --attention plain"):
+        export_tensorrt(checkpoint, tmp_path / "trt", EngineLimits(), options(attention="fused"), log=quiet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert main(["export", str(checkpoint), "--to", "trt", "--out", str(tmp_path / "trt2")]) == 2
     assert not (tmp_path / "trt2").exists()
