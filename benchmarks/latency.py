@@ -4,7 +4,9 @@ Every (system, model) pair runs in a fresh process per round, rounds interleaved
 so machine drift hits all systems alike; results are medians with min/max. Each process warms up
 once, then times a 1-token generation (encoder + first step) and an N-token one; the per-token
 decode time is ``(T(N) - T(1)) / (N - 1)``. The memory-bandwidth floor of a batch-1 decode step is
-the bytes it must read divided by the copy bandwidth measured in the same run.
+the bytes it must read divided by the copy bandwidth measured in the same run. A system this
+machine cannot run at all (``cbart-trt`` without TensorRT or a GPU) is listed as skipped on every
+cell, with the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.models import ModelSpec, checkpoint, decoder_step_bytes, onnx_export
+from benchmarks.models import ModelSpec, checkpoint, decoder_step_bytes, onnx_export, tensorrt_export
 from benchmarks.plotting import pyplot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +56,7 @@ class Engine:
             "cbart": "cbart ONNX Runtime",
             "cbart-cpp": "cbart C++ ONNX Runtime",
             "cbart-torch": "cbart PyTorch reference",
+            "cbart-trt": "cbart TensorRT",
             "optimum": "Optimum ORTModelForSeq2SeqLM",
             "ctranslate2": "CTranslate2",
         }
@@ -74,6 +77,7 @@ class Result:
     per_token_ms: float
     tokens_per_s: float
     peak_rss_mib: float
+    gpu_peak_mib: float | None = None
     floor_ms: float | None = None
     percent_of_floor: float | None = None
     rounds: list[dict[str, list[float]]] = field(default_factory=list)
@@ -98,7 +102,18 @@ def measure_bandwidth(threads: int) -> float:
 PEERS = ("optimum", "ctranslate2")
 
 
-def prepare(engine: Engine, cache: Path, peer_python: str) -> Path:
+class SystemUnavailable(RuntimeError):
+    """This machine cannot run the system at all (e.g. TensorRT without a GPU): every cell is skipped."""
+
+
+def prepare(engine: Engine, cache: Path, peer_python: str, cells: list[Cell]) -> Path:
+    if engine.system == "cbart-trt":
+        from runtime.trt_support import TensorRTUnavailable
+
+        try:
+            return tensorrt_export(engine.model, cache, engine.precision, cells)
+        except TensorRTUnavailable as error:
+            raise SystemUnavailable(str(error)) from error
     if engine.system == "transformers":
         return checkpoint(engine.model, cache)
     if engine.system == "cbart-torch" and engine.precision != "fp32":
@@ -215,6 +230,7 @@ def summarise(engine: Engine, cell: Cell, rounds: list[dict], bandwidth: float) 
         per_token_ms=1000 * per_token,
         tokens_per_s=cell.batch * cell.new_tokens / median,
         peak_rss_mib=max(r["peak_rss_mib"] for r in rounds),
+        gpu_peak_mib=max((r["gpu_peak_mib"] for r in rounds if r.get("gpu_peak_mib") is not None), default=None),
         rounds=rounds,
     )
     if cell.batch == 1 and cell.beams == 1:
@@ -241,9 +257,10 @@ def markdown(results: list[Result], baseline_system: str = "transformers") -> st
             # T(N) - T(1) below zero means the run-to-run noise of the encoder exceeded the whole decode
             per_token = f"{r.per_token_ms:.1f}" if r.per_token_ms > 0 else "noise > decode"
             speedup = f"{baseline.median_s / r.median_s:.2f}x" if baseline else "-"
+            memory = f"{r.peak_rss_mib:.0f}" + (f" (GPU {r.gpu_peak_mib:.0f})" if r.gpu_peak_mib is not None else "")
             lines.append(
                 f"| {r.engine} | {r.median_s:.3f} ({r.min_s:.3f}-{r.max_s:.3f}) | {r.encoder_s:.3f} | "
-                f"{per_token} | {r.tokens_per_s:.1f} | {r.peak_rss_mib:.0f} | {floor} | {speedup} |"
+                f"{per_token} | {r.tokens_per_s:.1f} | {memory} | {floor} | {speedup} |"
             )
     return "\n".join(lines)
 
@@ -251,7 +268,7 @@ def markdown(results: list[Result], baseline_system: str = "transformers") -> st
 def plot(results: list[Result], directory: Path, stem: str) -> list[Path]:
     """Per-token latency vs latent size per engine, and speedup vs transformers on the full model."""
     plt = pyplot()
-    if plt is None:
+    if plt is None or not results:
         return []
     written = []
     first = Cell(**results[0].cell) if results else None
@@ -334,14 +351,21 @@ def main(argv: list[str] | None = None) -> int:
     ]
     args.cache.mkdir(parents=True, exist_ok=True)
     print(f"preparing {len(engines)} engines (random-weight bart-base shapes, cached in {args.cache}) ...")
-    paths = {engine: prepare(engine, args.cache, args.peer_python) for engine in engines}
+    paths: dict[Engine, Path] = {}
+    unavailable: dict[Engine, str] = {}
+    for engine in engines:
+        try:
+            paths[engine] = prepare(engine, args.cache, args.peer_python, cells)
+        except SystemUnavailable as error:
+            unavailable[engine] = str(error)
+            print(f"  {engine.label}: skipped on every cell ({error})", flush=True)
     bandwidth = measure_bandwidth(args.threads)
     print(f"matrix-vector bandwidth with {args.threads} threads: {bandwidth:.1f} GB/s")
     results: list[Result] = []
     skipped: list[str] = []
     for cell in cells:
         rounds: dict[Engine, list[dict]] = {engine: [] for engine in engines}
-        failed: dict[Engine, str] = {}
+        failed: dict[Engine, str] = dict(unavailable)
         for round_index in range(args.rounds):
             for engine in engines:
                 if engine in failed:

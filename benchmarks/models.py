@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,6 +57,38 @@ def onnx_export(spec: ModelSpec, cache: Path, precision: str = "fp32", with_torc
         quantize="int8" if precision == "int8" else None, verify=False, progress=False, with_torch=with_torch
     )
     export_onnx(checkpoint(spec, cache), path, options, log=lambda *_: None)
+    return path
+
+
+def tensorrt_export(spec: ModelSpec, cache: Path, precision: str, cells: list[Any]) -> Path:
+    """Build (once) TensorRT engines whose profile covers ``cells`` (batch, source, beams, new tokens).
+
+    Raises ``TensorRTUnavailable`` before building anything when TensorRT or a GPU is missing.
+    """
+    from exporter.engine_profiles import EngineLimits
+    from exporter.export import ExportOptions, export_tensorrt
+    from runtime.trt_support import require_tensorrt
+
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"cbart-trt builds fp32, fp16 or bf16 engines, not {precision!r}")
+    require_tensorrt()
+    batch, source = max(c.batch for c in cells), max(c.source for c in cells)
+    beams, new_tokens = max(c.beams for c in cells), max(c.new_tokens for c in cells)
+    path = cache / f"{spec.name}-trt-{precision}-b{batch}-s{source}-k{beams}-n{new_tokens}"
+    if (path / "manifest.json").is_file():
+        return path
+    limits = EngineLimits(
+        max_batch=batch,
+        opt_batch=min(c.batch for c in cells),
+        max_source_length=source,
+        opt_source_length=min(c.source for c in cells),
+        max_new_tokens=new_tokens,
+        opt_new_tokens=new_tokens,
+        beams=beams,
+        fp16=precision == "fp16",
+        bf16=precision == "bf16",
+    )
+    export_tensorrt(checkpoint(spec, cache), path, limits, ExportOptions(verify=False, progress=False), log=print)
     return path
 
 

@@ -53,14 +53,16 @@ def transformers_system(path: Path, ids: np.ndarray, beams: int, threads: int) -
     return generate
 
 
-def cbart_system(path: Path, ids: np.ndarray, beams: int, threads: int, backend: str = "onnxruntime") -> Generate:
+def cbart_system(
+    path: Path, ids: np.ndarray, beams: int, threads: int, backend: str = "onnxruntime", device: str = "cpu"
+) -> Generate:
     import torch
 
     from runtime.generator import Seq2SeqRuntime
 
     if backend != "torch":
         torch.set_num_threads(1)  # keep torch's pool from clashing with ONNX Runtime's threads
-    runtime = Seq2SeqRuntime.from_dir(path, backend=backend, threads=threads, check_files=False)
+    runtime = Seq2SeqRuntime.from_dir(path, backend=backend, device=device, threads=threads, check_files=False)
     sequences = ids.tolist()
 
     def generate(new_tokens: int) -> None:
@@ -142,6 +144,7 @@ SYSTEMS: dict[str, Callable[[Path, np.ndarray, int, int], Generate]] = {
     "transformers": transformers_system,
     "cbart": cbart_system,
     "cbart-torch": partial(cbart_system, backend="torch"),
+    "cbart-trt": partial(cbart_system, backend="tensorrt", device="cuda"),
     "cbart-cpp": cpp_system,
     "optimum": optimum_system,
     "ctranslate2": ctranslate2_system,
@@ -154,6 +157,14 @@ def peak_rss_mib(pid: int | str = "self") -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gpu_peak_mib() -> float | None:
+    """Peak CUDA memory allocated through torch (the TensorRT backend's buffers), None on CPU runs."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             generate(count)
             bucket.append(time.perf_counter() - started)
     peak_mib = max([peak_rss_mib()] + [peak_rss_mib(pid) for pid in _CHILD_PIDS])
-    json.dump({"t1": first, "tn": full, "peak_rss_mib": peak_mib}, sys.stdout)
+    json.dump({"t1": first, "tn": full, "peak_rss_mib": peak_mib, "gpu_peak_mib": gpu_peak_mib()}, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ class EncoderGraph(nn.Module):
     ``fused_attention`` re-states transformers' post-LayerNorm encoder layer with every
     self-attention as one ``com.microsoft.MultiHeadAttention`` node. The plain export spells
     attention out as MatMul/Softmax/MatMul and materialises ``[batch, heads, S, S]`` scores per
-    layer; ONNX Runtime's fused kernel does not, which made the bart-base encoder 18% faster at
-    batch 1 / source 512 and 27% at batch 8 on 2 CPU threads. TensorRT's ONNX parser has no
+    layer; ONNX Runtime's fused kernel does not, and is faster on CPU (measured side by side by
+    ``python -m benchmarks.graph_choices``). TensorRT's ONNX parser has no
     contrib ops, so engines are built from the plain graph. Without the flag this is transformers'
     own encoder, which the export verification uses as its reference.
     """

@@ -77,9 +77,16 @@ class GenerationSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def process_scores(scores: np.ndarray, sequences: np.ndarray, settings: GenerationSettings) -> np.ndarray:
-    """Apply the logits processors in transformers' order (in place on a float32 copy)."""
-    scores = np.array(scores, dtype=np.float32, copy=True)
+def process_scores(
+    scores: np.ndarray, sequences: np.ndarray, settings: GenerationSettings, owned: bool = False
+) -> np.ndarray:
+    """Apply the logits processors in transformers' order, in place on a float32 copy.
+
+    ``owned``: ``scores`` is a float32 array the caller hands over (log-probs it just computed), so
+    the processors edit it directly instead of copying ~200 KB per row and step.
+    """
+    if not (owned and scores.dtype == np.float32):
+        scores = np.array(scores, dtype=np.float32, copy=True)
     cur_len = sequences.shape[1]
     if settings.repetition_penalty != 1.0:
         _repetition_penalty(scores, sequences, settings.repetition_penalty)
@@ -147,9 +154,11 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float32, copy=False)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    """A new float32 array; shifted and normalised in place, so a beam step makes one temporary, not three."""
+    scores = np.array(logits, dtype=np.float32, copy=True)
+    scores -= scores.max(axis=-1, keepdims=True)
+    scores -= np.log(np.exp(scores).sum(axis=-1, keepdims=True))
+    return scores
 
 
 def greedy_or_sample(
@@ -223,9 +232,11 @@ def beam_search(session: DecoderSession, sources: int, settings: GenerationSetti
     cur_len = prompt
     while True:
         flat = running[:, :, :cur_len].reshape(sources * beams, cur_len)
-        log_probs = process_scores(log_softmax(session.step(flat[:, -1:])), flat, settings)
+        log_probs = process_scores(log_softmax(session.step(flat[:, -1:])), flat, settings, owned=True)
         vocab = log_probs.shape[-1]
-        log_probs = (log_probs.reshape(sources, beams, vocab) + running_scores[:, :, None]).reshape(sources, -1)
+        log_probs = log_probs.reshape(sources, beams, vocab)
+        log_probs += running_scores[:, :, None]
+        log_probs = log_probs.reshape(sources, -1)
 
         top_scores, top_flat = _top_k(log_probs, keep)
         top_beams, top_tokens = top_flat // vocab, top_flat % vocab

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cnn_dailymail, quality
+from benchmarks import cnn_dailymail, latency, quality
+from benchmarks.models import ModelSpec
 from compression.config import PAPER_GENERATION
 from compression.data import Example, load_tokenizer
 
@@ -70,3 +71,35 @@ def test_quality_quick_preset_trains_exports_and_scores(tmp_path: Path, shared_d
     capsys.readouterr()
     assert quality.main(["--quick", "--work", str(tmp_path / "work"), "--results", str(tmp_path)]) == 0
     assert "reusing" in capsys.readouterr().out  # the second run measures without training again
+
+
+def test_bench_reports_tensorrt_as_skipped_with_the_reason_when_it_cannot_run(tmp_path: Path, capsys) -> None:
+    from runtime.trt_support import TensorRTUnavailable, require_tensorrt
+
+    try:
+        require_tensorrt()
+    except TensorRTUnavailable as error:
+        reason = str(error)
+    else:
+        pytest.skip("TensorRT and a GPU are present: the cbart-trt rows run instead")
+    arguments = ["--quick", "--systems", "cbart-trt:fp16", "--rounds", "1", "--name", "trt"]
+    assert latency.main([*arguments, "--results", str(tmp_path), "--cache", str(tmp_path / "cache")]) == 0
+    payload = json.loads((tmp_path / "trt.json").read_text())
+    assert payload["results"] == []
+    assert payload["skipped"] == [
+        f"cbart TensorRT fp16 / {model} on batch 1, src 512, greedy, 64 new: skipped ({reason})"
+        for model in ("full", "compressed-384")
+    ]
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing was built
+    assert "skipped on every cell" in capsys.readouterr().out
+
+
+def test_latency_table_shows_gpu_memory_next_to_the_peak_rss() -> None:
+    cell = latency.Cell(1, 512, 1, 64)
+    rounds = [{"t1": [0.1], "tn": [0.74], "peak_rss_mib": 900.0, "gpu_peak_mib": 812.4}]
+    engine = latency.Engine("cbart-trt", ModelSpec(384), "fp16")
+    row = latency.summarise(engine, cell, rounds, bandwidth=10.0)
+    assert row.per_token_ms == pytest.approx(1000 * 0.64 / 63)
+    assert "| cbart TensorRT fp16 / compressed-384 | 0.740 (0.740-0.740) | 0.100 | 10.2 | 86.5 | 900 (GPU 812) |" in (
+        latency.markdown([row])
+    )
