@@ -19,6 +19,7 @@ LATENCY_FILES = (
     "latency-batch8.json",
     "latency-beam-sources.json",
     "latency-latents-beam.json",
+    "latency-latents-batch8.json",
     "latency-torch-reference.json",
     "latency-quick.json",
 )
