@@ -65,11 +65,11 @@ class EncoderGraph(nn.Module):
         encoder = self.encoder
         hidden = encoder.embed_tokens(input_ids) + encoder.embed_positions(input_ids)
         hidden = encoder.layernorm_embedding(hidden)
+        attend = _FusedSelfAttention.apply if torch.onnx.is_in_onnx_export() else _self_attention
         for layer in encoder.layers:
             attn = layer.self_attn
             projections = [F.linear(hidden, proj.weight) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
             bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-            attend = _FusedSelfAttention.apply if torch.onnx.is_in_onnx_export() else _self_attention
             context = attend(*projections, bias, attention_mask, attn.num_heads)
             hidden = layer.self_attn_layer_norm(hidden + attn.out_proj(context))
             feed_forward = layer.fc2(layer.activation_fn(layer.fc1(hidden)))
