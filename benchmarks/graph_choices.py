@@ -5,6 +5,8 @@
    MultiHeadAttention (encode time, batch 1 and 8, 512 tokens).
 3. Beam-shared cross-attention K/V: one copy per input (cbart's default) vs one copy per beam (what
    the ONNX/TensorRT reference pipelines do): beam-4 generation time and cross-cache bytes.
+4. ``--lm-head-screen``: greedy decode time per token with the exact fp32 LM head vs the screened one
+   (full model and compressed-384, batch 1, 512 source tokens, 64 new tokens).
 
 The variants of each choice run alternately in one process, so drift hits them alike.
 
@@ -37,6 +39,21 @@ def _timed(function, repeats: int) -> list[float]:
     return times
 
 
+def _variant_runtimes(spec: ModelSpec, cache: Path, variants: dict[str, dict[str, Any]], threads: int) -> dict:
+    """One runtime per export variant (``ExportOptions`` overrides), exported once into ``cache``."""
+    from exporter.export import ExportOptions, export_onnx
+    from runtime.generator import Seq2SeqRuntime
+
+    runtimes = {}
+    for label, overrides in variants.items():
+        directory = cache / f"{spec.name}-onnx-{label}"
+        if not (directory / "manifest.json").is_file():
+            options = ExportOptions(verify=False, progress=False, **overrides)
+            export_onnx(checkpoint(spec, cache), directory, options, log=lambda *_: None)
+        runtimes[label] = Seq2SeqRuntime.from_dir(directory, threads=threads, check_files=False)
+    return runtimes
+
+
 def encode_times(
     spec: ModelSpec,
     cache: Path,
@@ -49,16 +66,7 @@ def encode_times(
 
     ``variants`` maps a label to ``ExportOptions`` overrides; variants run alternately.
     """
-    from exporter.export import ExportOptions, export_onnx
-    from runtime.generator import Seq2SeqRuntime
-
-    runtimes = {}
-    for label, overrides in variants.items():
-        directory = cache / f"{spec.name}-onnx-{label}"
-        if not (directory / "manifest.json").is_file():
-            options = ExportOptions(verify=False, progress=False, **overrides)
-            export_onnx(checkpoint(spec, cache), directory, options, log=lambda *_: None)
-        runtimes[label] = Seq2SeqRuntime.from_dir(directory, threads=threads, check_files=False)
+    runtimes = _variant_runtimes(spec, cache, variants, threads)
     ids = source_ids(*shape).tolist()
     times: dict[str, list[float]] = {label: [] for label in runtimes}
     for runtime in runtimes.values():
@@ -85,6 +93,28 @@ def encoder_choices(cache: Path, threads: int, repeats: int) -> dict[str, float]
         times = encode_times(ModelSpec(None), cache, attention, (batch, 512), threads, max(2, repeats // batch))
         results[f"plain_attention_b{batch}_encode_s"] = times["attention-plain"]
         results[f"fused_attention_b{batch}_encode_s"] = times["attention-fused"]
+    return results
+
+
+def lm_head_screen(cache: Path, threads: int, repeats: int, new_tokens: int = 64) -> dict[str, float]:
+    """Greedy decode ms/token with the exact and the screened LM head (same token ids, checked here too)."""
+    variants = {"lm-head-exact": {"lm_head_screen": "off"}, "lm-head-screened": {"lm_head_screen": "on"}}
+    results = {}
+    for spec in (ModelSpec(None), ModelSpec(384)):
+        runtimes = _variant_runtimes(spec, cache, variants, threads)
+        ids = source_ids(1, 512).tolist()
+        encoded = {label: runtime.encode(ids) for label, runtime in runtimes.items()}
+        settings = {"num_beams": 1, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens}
+        outputs = {label: runtime.generate(encoded=encoded[label], **settings) for label, runtime in runtimes.items()}
+        if outputs["lm-head-exact"].sequences != outputs["lm-head-screened"].sequences:
+            raise AssertionError(f"{spec.name}: the screened LM head changed the greedy tokens")
+        times: dict[str, list[float]] = {label: [] for label in runtimes}
+        for _ in range(repeats):
+            for label, runtime in runtimes.items():
+                decode_s = runtime.generate(encoded=encoded[label], **settings).timings["decode_s"]
+                times[label].append(1000 * decode_s / new_tokens)
+        for label, values in times.items():
+            results[f"{spec.name}_{label.removeprefix('lm-head-')}_ms_per_token"] = statistics.median(values)
     return results
 
 
@@ -125,6 +155,45 @@ def beam_sharing(cache: Path, threads: int, repeats: int, beams: int = 4) -> dic
     }
 
 
+def table(results: dict[str, float]) -> str:
+    """One row per measured choice (rows whose numbers are missing are left out)."""
+    rows = [
+        ("encoder graphs (512 tokens, encode s)", "split", "split_encode_s", "fused", "fused_encode_s", 3),
+        *(
+            (
+                f"full-model encoder self-attention (batch {batch}, 512 tokens, encode s)",
+                "plain ops",
+                f"plain_attention_b{batch}_encode_s",
+                "fused MultiHeadAttention",
+                f"fused_attention_b{batch}_encode_s",
+                3,
+            )
+            for batch in (1, 8)
+        ),
+        ("cross K/V at beam 4 (src 512, 64 new, s)", "shared", "shared_beam4_s", "per beam", "per_beam_beam4_s", 3),
+        ("cross K/V cache (MiB)", "shared", "shared_cross_cache_mib", "per beam", "per_beam_cross_cache_mib", 1),
+        *(
+            (
+                f"{model} greedy decode, LM head (batch 1, src 512, ms/token)",
+                "exact fp32",
+                f"{model}_exact_ms_per_token",
+                "screened",
+                f"{model}_screened_ms_per_token",
+                1,
+            )
+            for model in ("full", "compressed-384")
+        ),
+    ]
+    lines = ["| choice | variant A | variant B |", "|---|---|---|"]
+    for label, name_a, key_a, name_b, key_b, digits in rows:
+        if key_a in results and key_b in results:
+            lines.append(f"| {label} | {name_a}: {results[key_a]:.{digits}f} | {name_b}: {results[key_b]:.{digits}f} |")
+    return "\n".join(lines)
+
+
+CHOICES = {"encoder": encoder_choices, "beam": beam_sharing, "lm-head": lm_head_screen}
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -133,32 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args(argv)
-    results = {
-        **encoder_choices(args.cache, args.threads, args.repeats),
-        **beam_sharing(args.cache, args.threads, max(2, args.repeats // 2)),
-    }
-    table = "\n".join(
-        [
-            "| choice | variant A | variant B |",
-            "|---|---|---|",
-            f"| encoder graphs (512 tokens, encode s) | split: {results['split_encode_s']:.3f} | "
-            f"fused: {results['fused_encode_s']:.3f} |",
-            *(
-                f"| full-model encoder self-attention (batch {batch}, 512 tokens, encode s) | "
-                f"plain ops: {results[f'plain_attention_b{batch}_encode_s']:.3f} | "
-                f"fused MultiHeadAttention: {results[f'fused_attention_b{batch}_encode_s']:.3f} |"
-                for batch in (1, 8)
-            ),
-            f"| cross K/V at beam 4 (src 512, 64 new, s) | shared: {results['shared_beam4_s']:.3f} | "
-            f"per beam: {results['per_beam_beam4_s']:.3f} |",
-            f"| cross K/V cache (MiB) | shared: {results['shared_cross_cache_mib']:.1f} | "
-            f"per beam: {results['per_beam_cross_cache_mib']:.1f} |",
-        ]
+    parser.add_argument(
+        "--choices",
+        default=",".join(CHOICES),
+        help=f"comma-separated subset of {', '.join(CHOICES)}; their rows replace those of an earlier run",
     )
-    print(table)
+    args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.choices.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(CHOICES))
+    if unknown:
+        parser.error(f"unknown choice(s) {', '.join(unknown)}; pick from {', '.join(CHOICES)}")
+    path = args.results / "graph-choices.json"
+    results = json.loads(path.read_text())["results"] if path.is_file() else {}
+    for name in chosen:
+        repeats = max(2, args.repeats // 2) if name == "beam" else args.repeats
+        results.update(CHOICES[name](args.cache, args.threads, repeats))
+    text = table(results)
+    print(text)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "graph-choices.json").write_text(json.dumps({"results": results, "table": table}, indent=2))
+    path.write_text(json.dumps({"results": results, "table": text}, indent=2))
     return 0
 
 

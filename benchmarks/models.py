@@ -99,15 +99,23 @@ def decoder_step_bytes(
     vocab: int = 50265,
     layers: int = 6,
     ffn: int = 3072,
+    screened_lm_head: bool = False,
 ) -> float:
     """Bytes one batch-1 decode step must read: decoder weights, the LM head and the cached cross K/V.
 
     Per layer: self-attention (4 projections), cross-attention query and output projections (its
     K/V projections run once per request), the FFN and LayerNorms; then the LM head. The cached
     cross K/V (fp32) is read every step. Embedding lookups read one row and are ignored.
+    ``screened_lm_head``: greedy search on an fp32 export reads the 8-bit head (one byte and a
+    shared fp32 scale per block of weights) and the fp32 rows of the outlier channels instead.
     """
     width = 768 if latent is None else latent
     per_layer = 6 * width * width + 2 * width * ffn + ffn + 12 * width
-    weights = bytes_per_weight * (layers * per_layer + width * vocab)
+    head = bytes_per_weight * width * vocab
+    if screened_lm_head:
+        from exporter.lm_head_screen import BLOCK_SIZE, OUTLIER_CHANNELS
+
+        head = width * vocab * (1 + 4 / BLOCK_SIZE) + 4.0 * OUTLIER_CHANNELS * vocab
+    weights = bytes_per_weight * layers * per_layer + head
     cross_cache = 4.0 * layers * 2 * source_length * width
     return weights + cross_cache

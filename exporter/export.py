@@ -18,10 +18,12 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BartForConditionalGeneration
 
 from compression.checkpoint import atomic_directory, is_compressed_checkpoint, load_compressed_model
+from exporter.lm_head_screen import BITS, BLOCK_SIZE, add_screened_lm_head
 from exporter.onnx_export import export_graph, export_torchscript, graph_definitions
 from exporter.variants import convert_to_fp16, optimize_graph, quantize_int8
 from exporter.verify import Tolerance, VerificationReport, compare_generation, compare_graphs
-from runtime.manifest import MANIFEST, Manifest, ModelDims, SpecialTokens, file_entries
+from runtime.lm_head_screen import BOUNDS_FILE, HIDDEN, RESIDUAL, ROWS_FILE, SWITCH
+from runtime.manifest import MANIFEST, Manifest, ModelDims, SpecialTokens, TensorSpec, file_entries
 
 if TYPE_CHECKING:
     from exporter.engine_profiles import EngineLimits as EngineLimitsLike
@@ -45,6 +47,12 @@ ATTENTION_CHOICES = ("auto", "fused", "plain")
 ONNX exports and plain for TensorRT engines."""
 
 
+LM_HEAD_SCREEN_CHOICES = ("auto", "on", "off")
+"""Decoder step with a screened LM head (``exporter.lm_head_screen``): exact greedy argmax from an 8-bit
+copy of the head. ``auto`` = on for fp32 ONNX exports, off otherwise (it proves the argmax of fp32 logits;
+TensorRT's parser has no MatMulNBits)."""
+
+
 class ExportError(RuntimeError):
     """The export could not be produced or failed its verification; nothing was written."""
 
@@ -54,6 +62,7 @@ class ExportOptions:
     opset: int = 17
     fuse_encoder: bool = False
     attention: str = "auto"
+    lm_head_screen: str = "auto"
     optimize: bool = False
     dtype: str = "fp32"
     quantize: str | None = None
@@ -75,6 +84,15 @@ class ExportOptions:
             )
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
+        if self.lm_head_screen not in LM_HEAD_SCREEN_CHOICES:
+            raise ValueError(
+                f"lm_head_screen must be one of {', '.join(LM_HEAD_SCREEN_CHOICES)}, got {self.lm_head_screen!r}"
+            )
+        if self.lm_head_screen == "on" and (self.dtype != "fp32" or self.quantize):
+            raise ValueError(
+                "--lm-head-screen on proves the argmax of fp32 logits; it applies to fp32 exports only "
+                "(drop --dtype fp16 / --quantize, or use --lm-head-screen auto)"
+            )
         if self.quantize not in (None, "int8"):
             raise ValueError(f"--quantize supports int8 only, got {self.quantize!r}")
         if self.quantize and self.dtype != "fp32":
@@ -83,6 +101,11 @@ class ExportOptions:
     @property
     def precision(self) -> str:
         return self.quantize or self.dtype
+
+    @property
+    def screens_lm_head(self) -> bool:
+        """Whether an ONNX export gets the screened LM head (TensorRT exports never do)."""
+        return self.lm_head_screen != "off" and self.precision == "fp32"
 
 
 @dataclass
@@ -189,6 +212,7 @@ def _write_onnx(
     options: ExportOptions,
     log: Callable[..., None],
     fused_attention: bool,
+    screen_lm_head: bool,
 ) -> tuple[Manifest, dict[str, dict[str, int]]]:
     """Export, optimise/convert/quantise the graphs into ``tmp`` and write their manifest."""
     graphs = {}
@@ -212,6 +236,12 @@ def _write_onnx(
             convert_to_fp16(path)
         if options.quantize == "int8":
             quantize_int8(path)
+        if screen_lm_head and definition.name == "decoder_step":
+            add_screened_lm_head(path)
+            spec = graphs[definition.name]
+            spec.inputs.append(TensorSpec(SWITCH, "bool", []))
+            for name in (HIDDEN, RESIDUAL):
+                spec.outputs.append(TensorSpec(name, "float32", ["decoder_batch", "target_length", dims.latent_width]))
     has_tokenizer = _copy_tokenizer(checkpoint, options.tokenizer, tmp / "tokenizer")
     if not has_tokenizer:
         shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
@@ -226,6 +256,9 @@ def _write_onnx(
         tokenizer_dir="tokenizer" if has_tokenizer else None,
         torch_graphs=torch_graphs,
         versions=versions(),
+        lm_head_screen=(
+            {"rows": ROWS_FILE, "bounds": BOUNDS_FILE, "bits": BITS, "block_size": BLOCK_SIZE} if screen_lm_head else {}
+        ),
     )
     _write_manifest(tmp, manifest)
     return manifest, fused
@@ -272,7 +305,9 @@ def export_onnx(
     result: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
-        manifest, fused = _write_onnx(model, checkpoint, tmp, options, log, options.attention != "plain")
+        manifest, fused = _write_onnx(
+            model, checkpoint, tmp, options, log, options.attention != "plain", options.screens_lm_head
+        )
         report = _verify(model, tmp, manifest, options, log) if options.verify else None
         result.update(manifest=manifest, report=report, fused=fused)
 
@@ -302,6 +337,11 @@ def export_tensorrt(
             "--attention fused uses ONNX Runtime's MultiHeadAttention contrib op, which TensorRT's ONNX parser "
             "cannot read; use --attention plain (or auto) with --to trt"
         )
+    if options.lm_head_screen == "on":
+        raise ExportError(
+            "--lm-head-screen on uses ONNX Runtime's MatMulNBits contrib op, which TensorRT's ONNX parser cannot "
+            "read; use --lm-head-screen auto (or off) with --to trt"
+        )
     try:
         require_tensorrt()
     except TensorRTUnavailable as error:
@@ -315,7 +355,7 @@ def export_tensorrt(
     def write(tmp: Path) -> None:
         staging = tmp / "onnx"
         staging.mkdir()
-        manifest, _ = _write_onnx(model, checkpoint, staging, options, log, fused_attention=False)
+        manifest, _ = _write_onnx(model, checkpoint, staging, options, log, fused_attention=False, screen_lm_head=False)
         report = _verify(model, staging, manifest, options, log) if options.verify else None
         timing_cache = Path(options.timing_cache) if options.timing_cache else tmp / "timing.cache"
         for name, spec in tqdm(manifest.graphs.items(), desc="building TensorRT engines", disable=not options.progress):

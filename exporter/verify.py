@@ -20,6 +20,7 @@ from transformers import BartForConditionalGeneration
 from exporter.graphs import AutoencoderGraph, CrossKVGraph, DecoderStepGraph, EncoderGraph, FusedEncoderGraph
 from runtime.backends.onnxruntime import session_options
 from runtime.generator import Seq2SeqRuntime
+from runtime.lm_head_screen import HIDDEN, RESIDUAL, SWITCH
 from runtime.manifest import read_manifest
 
 SOURCE_BATCHES = ((6,), (11, 4, 8))
@@ -175,20 +176,23 @@ def _compare_steps(session, step_graph, cross, mask, rows_per_source, manifest, 
     past = [torch.zeros(rows, dims.decoder_attention_heads, 0, dims.head_dim) for _ in cross]
     mask_tensor = torch.from_numpy(mask)
     spec = manifest.graphs["decoder_step"]
-    cache_inputs = [tensor.name for tensor in spec.inputs[2:]]
+    cache_inputs = [tensor.name for tensor in spec.inputs if tensor.name.startswith(("past_", "cross_"))]
+    compared = [tensor.name for tensor in spec.outputs if tensor.name not in (HIDDEN, RESIDUAL)]  # screen inputs
     for past_length, steps in ((0, 1), (1, 3), (4, 1)):
         tokens = rng.integers(4, dims.vocab_size, (rows, steps)).astype(np.int64)
         if past_length == 0:
             tokens[:, 0] = 2
         expected = step_graph(torch.from_numpy(tokens), mask_tensor, *past, *cross)
         feeds = {"input_ids": tokens, "encoder_attention_mask": mask}
+        if any(tensor.name == SWITCH for tensor in spec.inputs):
+            feeds[SWITCH] = np.array(True)
         feeds.update(
             {name: _float(tensor, manifest) for name, tensor in zip(cache_inputs, [*past, *cross], strict=True)}
         )
-        actual = session.run(None, feeds)
+        actual = session.run(compared, feeds)
         label = f"{case}, {rows_per_source} rows/source, past {past_length}, {steps} new"
-        for output, got, want in zip(spec.outputs, actual, expected, strict=True):
-            compare("decoder_step", output.name, label, got, want)
+        for name, got, want in zip(compared, actual, expected, strict=True):
+            compare("decoder_step", name, label, got, want)
         past = list(expected[1:])
 
 

@@ -85,6 +85,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     engine: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
+    lm_head_screen: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -106,6 +107,7 @@ class Manifest:
             versions=data.get("versions", {}),
             engine=data.get("engine", {}),
             verification=data.get("verification", {}),
+            lm_head_screen=data.get("lm_head_screen", {}),
             format=data["format"],
             format_version=data["format_version"],
         )

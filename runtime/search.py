@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from runtime.lm_head_screen import LogitScreen
 
 NEG_INF = np.float32(-np.inf)
 BIG_NEGATIVE = np.float32(-1.0e9)
@@ -31,6 +33,17 @@ class DecoderSession(Protocol):
 
     def reorder(self, rows: np.ndarray) -> None:
         """Keep the self-attention cache of ``rows`` (beam search), in that order."""
+        ...
+
+
+@runtime_checkable
+class ScreenedDecoderSession(DecoderSession, Protocol):
+    """A session whose decoder can return approximate logits for :class:`LogitScreen` to make argmax-exact."""
+
+    screen: LogitScreen
+
+    def step_screened(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Feed ``tokens``; return approximate logits [rows, vocab] and ``refine``'s two [rows, width] inputs."""
         ...
 
 
@@ -171,8 +184,19 @@ def greedy_or_sample(
     rng = np.random.default_rng(settings.seed)
     sequences = np.full((rows, 1), settings.decoder_start_token_id, dtype=np.int64)
     unfinished = np.ones(rows, dtype=bool)
+    # The screen needs every processor to mask or force tokens only: greedy without repetition penalty.
+    screened = (
+        session
+        if isinstance(session, ScreenedDecoderSession) and not settings.do_sample and settings.repetition_penalty == 1.0
+        else None
+    )
     while True:
-        scores = process_scores(session.step(sequences[:, -1:]), sequences, settings)
+        if screened is not None:
+            approximate, hidden, residual = screened.step_screened(sequences[:, -1:])
+            masked = process_scores(approximate, sequences, settings, owned=True)
+            scores = screened.screen.refine(masked, hidden, residual)
+        else:
+            scores = process_scores(session.step(sequences[:, -1:]), sequences, settings)
         if settings.do_sample:
             probabilities = _softmax(_warp_for_sampling(scores, settings)).astype(np.float64)
             probabilities /= probabilities.sum(axis=-1, keepdims=True)

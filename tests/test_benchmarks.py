@@ -103,3 +103,21 @@ def test_latency_table_shows_gpu_memory_next_to_the_peak_rss() -> None:
     assert "| cbart TensorRT fp16 / compressed-384 | 0.740 (0.740-0.740) | 0.100 | 10.2 | 86.5 | 900 (GPU 812) |" in (
         latency.markdown([row])
     )
+
+
+def test_the_floor_of_a_screened_greedy_step_counts_the_bytes_it_reads() -> None:
+    cell = latency.Cell(1, 512, 1, 64)
+    rounds = [{"t1": [0.1], "tn": [1.36], "peak_rss_mib": 900.0}]
+    screened = latency.summarise(latency.Engine("cbart", ModelSpec(None), "fp32"), cell, rounds, bandwidth=10.0)
+    exact = latency.summarise(latency.Engine("cbart-cpp", ModelSpec(None), "fp32"), cell, rounds, bandwidth=10.0)
+    head_fp32, head_screened = 4 * 768 * 50265, 768 * 50265 * (1 + 4 / 32) + 4 * 8 * 50265
+    assert exact.floor_ms - screened.floor_ms == pytest.approx((head_fp32 - head_screened) / 1e7)
+
+
+def test_graph_choices_table_lists_the_measured_rows_only() -> None:
+    from benchmarks.graph_choices import table
+
+    text = table({"full_exact_ms_per_token": 24.61, "full_screened_ms_per_token": 17.02, "shared_beam4_s": 1.0})
+    assert text.splitlines()[2:] == [
+        "| full greedy decode, LM head (batch 1, src 512, ms/token) | exact fp32: 24.6 | screened: 17.0 |"
+    ]

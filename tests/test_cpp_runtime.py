@@ -65,6 +65,7 @@ def sequences(seed: int) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     "settings",
     [
         {"num_beams": 1, "max_new_tokens": 20},
+        {"num_beams": 1, "max_new_tokens": 20, "min_new_tokens": 16, "no_repeat_ngram_size": 2},
         PAPER,
         {"num_beams": 3, "max_new_tokens": 15, "repetition_penalty": 1.3},
         {"num_beams": 4, "num_return_sequences": 2, "max_new_tokens": 9, "early_stopping": "never"},
@@ -98,3 +99,17 @@ def test_cpp_errors_are_clear_and_do_not_crash(binary, exported, tmp_path):
     assert completed.returncode == 1 and "format version 7, but this runtime reads version 1" in completed.stderr
     completed = run(binary, tmp_path / "nothing", [])
     assert completed.returncode == 1 and "has no manifest.json" in completed.stderr
+
+
+def test_cpp_screened_greedy_on_a_larger_vocabulary(binary, tmp_path):
+    """600 tokens: the screen prunes most of them (96-token models mostly fall back to the whole head)."""
+    model = tiny_compressed("paper", seed=5, vocab_size=600, positions=80)
+    save_checkpoint(model, tmp_path / "ckpt")
+    export_onnx(tmp_path / "ckpt", tmp_path / "onnx", ExportOptions(progress=False), log=lambda *_: None)
+    ids, mask = random_batch([15, 4, 9], vocab_size=600, seed=3)
+    inputs = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask, strict=True)]
+    settings = {"num_beams": 1, "max_new_tokens": 24, "min_new_tokens": 20}
+    completed = run(binary, tmp_path / "onnx", [{"input_ids": inputs, **settings}])
+    assert completed.returncode == 0, completed.stderr
+    got = json.loads(completed.stdout.splitlines()[0])["sequences"]
+    assert got == model.generate(input_ids=ids, attention_mask=mask, **settings).tolist()

@@ -57,6 +57,7 @@ def test_export_directory_contract(checkpoint: Path, tmp_path: Path, bart_tokeni
         "cross_value_0",
         "cross_key_1",
         "cross_value_1",
+        "exact_logits",  # the screened LM head's switch (fp32 ONNX exports)
     ]
     shapes = {t["name"]: t["shape"] for t in step["inputs"]}
     assert shapes["past_key_1"] == ["decoder_batch", 4, "past_length", 4]
@@ -64,6 +65,17 @@ def test_export_directory_contract(checkpoint: Path, tmp_path: Path, bart_tokeni
     assert shapes["cross_value_0"] == ["batch", 4, "source_length", 4]
     assert [t["name"] for t in step["outputs"]][1:3] == ["present_key_0", "present_value_0"]
     assert step["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["decoder_batch", "target_length", 96]}
+    assert step["outputs"][-2:] == [
+        {"name": name, "dtype": "float32", "shape": ["decoder_batch", "target_length", 16]}
+        for name in ("hidden", "hidden_residual")
+    ]
+    assert manifest["lm_head_screen"] == {
+        "rows": "lm_head_rows.npy",
+        "bounds": "lm_head_bounds.npy",
+        "bits": 8,
+        "block_size": 32,
+    }
+    assert {"lm_head_rows.npy", "lm_head_bounds.npy"} <= set(manifest["files"])
     assert manifest["model"] == {
         "architecture": "compressed_bart",
         "encoder_layers": 2,
@@ -85,7 +97,8 @@ def test_export_directory_contract(checkpoint: Path, tmp_path: Path, bart_tokeni
     for spec in manifest["graphs"].values():
         graph = onnx.load(str(directory / spec["file"]))
         assert graph.opset_import[0].version >= 17
-        assert not [node for node in graph.graph.node if node.op_type == "If"]  # TensorRT cannot build If
+        branches = [node for node in graph.graph.node if node.op_type == "If"]
+        assert len(branches) == (1 if spec["file"] == "decoder_step.onnx" else 0)  # only the LM head switch
 
 
 def test_paper_autoencoder_graph_is_sliced_to_the_actual_length(checkpoint: Path, tmp_path: Path):
@@ -111,8 +124,10 @@ def test_decoder_step_accepts_an_empty_past_and_beam_shared_cross_kv(checkpoint:
     names = [t.name for t in manifest.graphs["decoder_step"].inputs]
     feeds.update({name: empty for name in names if name.startswith("past_")})
     feeds.update(dict(zip([n for n in names if n.startswith("cross_")], cross, strict=True)))
-    logits, *presents = step.run(None, feeds)
+    feeds["exact_logits"] = np.array(True)
+    logits, *presents, hidden, residual = step.run(None, feeds)
     assert logits.shape == (6, 1, 96) and [p.shape for p in presents] == [(6, 4, 1, 4)] * 4
+    assert hidden.shape == residual.shape == (6, 1, 16)
     np.testing.assert_allclose(logits[0], logits[2], atol=1e-6)  # rows 0-2 share source 0
     assert np.abs(logits[0] - logits[3]).max() > 1e-4  # row 3 reads source 1
 

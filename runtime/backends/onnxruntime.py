@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.backends.base import EncodedBatch
+from runtime.lm_head_screen import HIDDEN, RESIDUAL, SWITCH, LogitScreen
 from runtime.manifest import Manifest
 
 DEVICE_PROVIDERS = {
@@ -70,6 +71,8 @@ class OnnxRuntimeBackend:
         self.past_names = [t.name for t in step.inputs if t.name.startswith("past_")]
         self.cross_names = [t.name for t in step.inputs if t.name.startswith("cross_")]
         self.present_names = [t.name for t in step.outputs if t.name.startswith("present_")]
+        self.has_switch = any(t.name == SWITCH for t in step.inputs)
+        self.screen = LogitScreen(directory) if manifest.lm_head_screen and self.has_switch else None
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncodedBatch:
         states = self.sessions["encoder"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
@@ -83,7 +86,10 @@ class OnnxRuntimeBackend:
         return EncodedBatch(cross_kv=binding.get_outputs(), attention_mask=attention_mask, input_ids=input_ids)
 
     def start(self, encoded: EncodedBatch, rows_per_source: int, max_length: int | None = None) -> OrtDecoderSession:
-        return OrtDecoderSession(self, encoded, encoded.sources * rows_per_source)
+        rows = encoded.sources * rows_per_source
+        if self.screen is not None:
+            return ScreenedOrtDecoderSession(self, encoded, rows, self.screen)
+        return OrtDecoderSession(self, encoded, rows)
 
 
 class OrtDecoderSession:
@@ -104,18 +110,29 @@ class OrtDecoderSession:
             self.binding.bind_ortvalue_input(name, value)  # once per request; rebinding by name replaces
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
+        return self._run(tokens, exact=True)[0]
+
+    def _run(self, tokens: np.ndarray, exact: bool) -> list[np.ndarray]:
+        """One step; the last position's logits (and the screen's inputs when not ``exact``) as owned arrays."""
         backend, binding = self.backend, self.binding
         binding.clear_binding_outputs()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
+        if backend.has_switch:
+            binding.bind_cpu_input(SWITCH, np.array(exact))
         for name, value in zip(backend.past_names, self.past, strict=True):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for name in backend.present_names:
             binding.bind_output(name, self.device)
+        if not exact:
+            binding.bind_output(HIDDEN, "cpu")
+            binding.bind_output(RESIDUAL, "cpu")
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        self.past = list(outputs[1:])
-        return np.array(outputs[0].numpy()[:, -1, :], dtype=np.float32)  # owned copy; the OrtValue is reused
+        self.past = list(outputs[1 : 1 + len(backend.present_names)])
+        extra = outputs[1 + len(backend.present_names) :]
+        # owned copies: the OrtValues are reused by the next step
+        return [np.array(value.numpy()[:, -1, :], dtype=np.float32) for value in (outputs[0], *extra)]
 
     def reorder(self, rows: np.ndarray) -> None:
         if np.array_equal(rows, np.arange(len(rows))):
@@ -124,3 +141,16 @@ class OrtDecoderSession:
             ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[rows]), self.device)
             for value in self.past
         ]
+
+
+class ScreenedOrtDecoderSession(OrtDecoderSession):
+    """A decoder session over a screened LM head: greedy steps read its 8-bit copy (see ``LogitScreen``)."""
+
+    def __init__(self, backend: OnnxRuntimeBackend, encoded: EncodedBatch, rows: int, screen: LogitScreen) -> None:
+        super().__init__(backend, encoded, rows)
+        self.screen = screen
+
+    def step_screened(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Approximate logits [rows, vocab], the LM head's input and its 8-bit part [rows, width]."""
+        logits, hidden, residual = self._run(tokens, exact=False)
+        return logits, hidden, residual

@@ -60,6 +60,11 @@ Manifest read_manifest(const std::string& directory, bool check_files) {
       manifest.inputs[name] = names(graph.at("inputs"));
       manifest.outputs[name] = names(graph.at("outputs"));
     }
+    const auto& screen = data.value("lm_head_screen", nlohmann::json::object());
+    if (!screen.empty()) {
+      manifest.lm_head_rows = screen.at("rows").get<std::string>();
+      manifest.lm_head_bounds = screen.at("bounds").get<std::string>();
+    }
     const auto& generation = data.value("generation", nlohmann::json::object());
     manifest.max_length = generation.value("max_length", 20);
     manifest.min_length = generation.value("min_length", 0);

@@ -21,6 +21,8 @@ struct Manifest {
   float length_penalty = 1.0f, repetition_penalty = 1.0f;
   std::string early_stopping = "false";
   std::string backend;
+  // the screened LM head's files (fp32 ONNX exports); empty when the export has none
+  std::string lm_head_rows, lm_head_bounds;
 };
 
 // Reads and validates DIR/manifest.json; with check_files, every listed file's sha256 is verified.

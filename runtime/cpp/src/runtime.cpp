@@ -10,9 +10,11 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 
 #include "cbart/runtime.hpp"
+#include "lm_head_screen.hpp"
 #include "manifest.hpp"
 #include "search.hpp"
 
@@ -110,11 +112,16 @@ class OrtDecoderSession final : public DecoderSession {
  public:
   OrtDecoderSession(OrtModel& model, std::vector<Ort::Value>& cross, Ort::Value& mask, int64_t rows,
                     int max_length);
-  std::vector<float> step(const std::vector<int64_t>& tokens) override;
+  std::vector<float> step(const std::vector<int64_t>& tokens) override { return run(tokens, true); }
   void reorder(const std::vector<int64_t>& rows) override;
   int64_t vocab() const override;
+  bool screened() const override;
+  std::vector<float> step_screened(const std::vector<int64_t>& tokens) override { return run(tokens, false); }
+  void refine(std::vector<float>& scores) override;
 
  private:
+  std::vector<float> run(const std::vector<int64_t>& tokens, bool exact);
+
   OrtModel& model_;
   std::vector<Ort::Value>& cross_;
   Ort::Value& mask_;
@@ -125,6 +132,8 @@ class OrtDecoderSession final : public DecoderSession {
   int64_t length_ = 0;  // tokens in the past
   std::vector<int64_t> ids_;
   std::vector<float> logits_;
+  bool exact_logits_ = true;             // the screened LM head's switch, when the export has one
+  std::vector<float> hidden_, residual_;  // its bound's inputs, written by screened steps
 };
 
 class OrtModel final : public Runtime {
@@ -146,6 +155,10 @@ class OrtModel final : public Runtime {
       } catch (const Ort::Exception& error) {
         throw Error("ONNX Runtime could not load " + path + ": " + error.what());
       }
+    }
+    const auto& step_inputs = manifest_.inputs.at("decoder_step");
+    if (!manifest_.lm_head_rows.empty() && step_inputs.back() == "exact_logits") {
+      screen_ = std::make_unique<LogitScreen>(directory, manifest_.lm_head_rows, manifest_.lm_head_bounds);
     }
   }
 
@@ -192,6 +205,7 @@ class OrtModel final : public Runtime {
   const Manifest& manifest() const { return manifest_; }
   Ort::Session& session(const std::string& graph) { return sessions_.at(graph); }
   const Ort::MemoryInfo& memory() const { return memory_; }
+  const LogitScreen* screen() const { return screen_.get(); }
 
  private:
   SearchSettings resolve(const GenerationOptions& o) const {
@@ -252,6 +266,7 @@ class OrtModel final : public Runtime {
   Ort::Env env_;
   Ort::MemoryInfo memory_;
   std::map<std::string, Ort::Session> sessions_;
+  std::unique_ptr<LogitScreen> screen_;
 };
 
 OrtDecoderSession::OrtDecoderSession(OrtModel& model, std::vector<Ort::Value>& cross, Ort::Value& mask,
@@ -267,7 +282,13 @@ OrtDecoderSession::OrtDecoderSession(OrtModel& model, std::vector<Ort::Value>& c
 
 int64_t OrtDecoderSession::vocab() const { return model_.manifest().vocab_size; }
 
-std::vector<float> OrtDecoderSession::step(const std::vector<int64_t>& tokens) {
+bool OrtDecoderSession::screened() const { return model_.screen() != nullptr; }
+
+void OrtDecoderSession::refine(std::vector<float>& scores) {
+  model_.screen()->refine(scores, hidden_, residual_, rows_);
+}
+
+std::vector<float> OrtDecoderSession::run(const std::vector<int64_t>& tokens, bool exact) {
   const Manifest& m = model_.manifest();
   const Ort::MemoryInfo& memory = model_.memory();
   std::copy(tokens.begin(), tokens.end(), ids_.begin());
@@ -283,6 +304,20 @@ std::vector<float> OrtDecoderSession::step(const std::vector<int64_t>& tokens) {
     binding.BindOutput(outputs[1 + i].c_str(), cache_.view(memory, 1 - side_, i, length_ + 1));
   }
   for (size_t i = 0; i < cross_.size(); ++i) binding.BindInput(inputs[2 + tensors_ + i].c_str(), cross_[i]);
+  if (inputs.back() == "exact_logits") {
+    exact_logits_ = exact;
+    binding.BindInput(inputs.back().c_str(), Ort::Value::CreateTensor<bool>(memory, &exact_logits_, 1, nullptr, 0));
+  }
+  if (!exact) {  // the bound's inputs: the last two outputs, [rows, 1, width] each
+    const int64_t width = model_.screen()->width();
+    const std::vector<int64_t> shape{rows_, 1, width};
+    hidden_.resize(static_cast<size_t>(rows_ * width));
+    residual_.resize(hidden_.size());
+    binding.BindOutput(outputs[outputs.size() - 2].c_str(),
+                       Ort::Value::CreateTensor<float>(memory, hidden_.data(), hidden_.size(), shape.data(), 3));
+    binding.BindOutput(outputs.back().c_str(),
+                       Ort::Value::CreateTensor<float>(memory, residual_.data(), residual_.size(), shape.data(), 3));
+  }
   binding.BindOutput(outputs[0].c_str(), Ort::Value::CreateTensor<float>(memory, logits_.data(), logits_.size(),
                                                                         logits_shape.data(), logits_shape.size()));
   model_.session("decoder_step").Run(Ort::RunOptions{nullptr}, binding);

@@ -84,9 +84,12 @@ Rows greedy_search(DecoderSession& session, int64_t rows, const SearchSettings& 
   Rows sequences(static_cast<size_t>(rows), std::vector<int64_t>{s.decoder_start});
   std::vector<bool> unfinished(static_cast<size_t>(rows), true);
   std::vector<int64_t> last(static_cast<size_t>(rows), s.decoder_start);
+  // The screen needs every processor to mask or force tokens only: no repetition penalty.
+  const bool screened = session.screened() && s.repetition_penalty == 1.0f;
   while (true) {
-    std::vector<float> scores = session.step(last);
+    std::vector<float> scores = screened ? session.step_screened(last) : session.step(last);
     process_scores(scores, vocab, sequences, s);
+    if (screened) session.refine(scores);
     bool any = false;
     for (int64_t row = 0; row < rows; ++row) {
       const float* values = scores.data() + row * vocab;

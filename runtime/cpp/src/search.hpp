@@ -17,6 +17,11 @@ class DecoderSession {
   // Keeps the self-attention cache of `rows`, in that order (beam search).
   virtual void reorder(const std::vector<int64_t>& rows) = 0;
   virtual int64_t vocab() const = 0;
+  // Screened greedy search (exports with a screened LM head, see lm_head_screen.hpp): `step_screened`
+  // returns approximate logits; after the masking processors, `refine` makes them argmax-exact.
+  virtual bool screened() const { return false; }
+  virtual std::vector<float> step_screened(const std::vector<int64_t>& tokens) { return step(tokens); }
+  virtual void refine(std::vector<float>& /*scores*/) {}
 };
 
 struct SearchSettings {
