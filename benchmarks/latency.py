@@ -4,8 +4,8 @@ Every (system, model) pair runs in a fresh process per round, rounds interleaved
 so machine drift hits all systems alike; results are medians with min/max. Each process warms up
 once, then times a 1-token generation (encoder + first step) and an N-token one; the per-token
 decode time is ``(T(N) - T(1)) / (N - 1)``. The memory-bandwidth floor of a batch-1 decode step is
-the bytes it must read (for cbart fp32, whose greedy search reads the screened LM head: those
-bytes) divided by the copy bandwidth measured in the same run. A system this
+the bytes it must read (for cbart and cbart-cpp fp32, whose greedy search reads the screened LM
+head: those bytes) divided by the copy bandwidth measured in the same run. A system this
 machine cannot run at all (``cbart-trt`` without TensorRT or a GPU) is listed as skipped on every
 cell, with the reason.
 """
@@ -236,7 +236,8 @@ def summarise(engine: Engine, cell: Cell, rounds: list[dict], bandwidth: float) 
     )
     if cell.batch == 1 and cell.beams == 1:
         weight_bytes = 1.0 if engine.precision == "int8" else 4.0
-        screened = engine.system == "cbart" and engine.precision == "fp32"  # greedy reads the screened LM head
+        # the Python and C++ runtimes' greedy search reads the screened LM head of fp32 exports
+        screened = engine.system in ("cbart", "cbart-cpp") and engine.precision == "fp32"
         step_bytes = decoder_step_bytes(engine.model.latent, cell.source, weight_bytes, screened_lm_head=screened)
         floor = step_bytes / (bandwidth * 1e9)
         result.floor_ms = 1000 * floor

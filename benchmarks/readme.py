@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.models import decoder_step_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 LATENCY_FILES = (
@@ -64,6 +66,18 @@ SHARED_ENCODER = (
 INT8_GEMV = (
     "ONNX Runtime's dynamic-int8 MatMul on AVX2 without VNNI (this CPU) quantizes activations and widens "
     "to 16 bits per step: the int8 decoder runs compute-bound, not bandwidth-bound"
+)
+SAME_GRAPHS = (
+    "both runtimes run the same ONNX Runtime graphs and kernels (the search loop is all that differs); "
+    "over the rounds C++ took {faster[min_s]:.3f}-{faster[max_s]:.3f} s and Python {slower[min_s]:.3f}-"
+    "{slower[max_s]:.3f} s"
+)
+SCREENED_FLOOR = (
+    "greedy search reads the screened LM head, so the floor counts its 8-bit bytes ({row[floor_ms]:.1f} ms); "
+    "the step's fixed costs weigh against that lower floor: the small ops between the MatMuls (reshapes, "
+    "transposes, concatenations: about 2 ms per step in an ONNX Runtime profile of the full model), the LM-head "
+    "switch and the screen's refinement. Against the floor of the fp32 head ({fp32_floor:.1f} ms) the step runs "
+    "at {fp32_ratio:.2f}x"
 )
 TARGETS = [
     Target(
@@ -140,6 +154,7 @@ TARGETS = [
         ("cbart-cpp", "compressed-384", "fp32"),
         "median_s",
         1.0,
+        SAME_GRAPHS,
     ),
 ]
 
@@ -170,12 +185,17 @@ def targets(results: Path) -> str:
                 ratio = row["per_token_ms"] / row["floor_ms"]
                 measured = f"{ratio:.2f}x ({row['per_token_ms']:.1f} vs {row['floor_ms']:.1f} ms)"
                 met = ratio <= 1.3
-                reason = "" if met or precision == "fp32" else INT8_GEMV
+                reason = "" if met else INT8_GEMV if precision == "int8" else _screened_floor(row, data)
                 lines.append(
                     f"| decode ms/token within 1.3x of the bandwidth floor (compressed-384 {precision}) "
                     f"| <= 1.30x | {measured} | {'yes' if met else 'no'} | {reason} |"
                 )
     return "\n".join(lines)
+
+
+def _screened_floor(row: dict, data: dict) -> str:
+    fp32_floor = 1000 * decoder_step_bytes(384, 512) / (data["bandwidth_gb_s"] * 1e9)
+    return SCREENED_FLOOR.format(row=row, fp32_floor=fp32_floor, fp32_ratio=row["per_token_ms"] / fp32_floor)
 
 
 def section(results: Path) -> str:

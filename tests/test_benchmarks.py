@@ -109,7 +109,7 @@ def test_the_floor_of_a_screened_greedy_step_counts_the_bytes_it_reads() -> None
     cell = latency.Cell(1, 512, 1, 64)
     rounds = [{"t1": [0.1], "tn": [1.36], "peak_rss_mib": 900.0}]
     screened = latency.summarise(latency.Engine("cbart", ModelSpec(None), "fp32"), cell, rounds, bandwidth=10.0)
-    exact = latency.summarise(latency.Engine("cbart-cpp", ModelSpec(None), "fp32"), cell, rounds, bandwidth=10.0)
+    exact = latency.summarise(latency.Engine("cbart-torch", ModelSpec(None), "fp32"), cell, rounds, bandwidth=10.0)
     head_fp32, head_screened = 4 * 768 * 50265, 768 * 50265 * (1 + 4 / 32) + 4 * 8 * 50265
     assert exact.floor_ms - screened.floor_ms == pytest.approx((head_fp32 - head_screened) / 1e7)
 
