@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BartForConditionalGeneration
 
 from compression.checkpoint import atomic_directory, is_compressed_checkpoint, load_compressed_model
+from exporter.disk_space import export_need, space_problems
 from exporter.lm_head_screen import BITS, BLOCK_SIZE, add_screened_lm_head
 from exporter.onnx_export import export_graph, export_torchscript, graph_definitions
 from exporter.variants import convert_to_fp16, optimize_graph, quantize_int8
@@ -294,6 +295,15 @@ def _check_destination(out: Path, options: ExportOptions) -> None:
         raise ExportError(f"{out} already exists; choose another --out or pass --overwrite")
 
 
+def _check_free_space(out: Path, model: torch.nn.Module, options: ExportOptions, engines: bool) -> None:
+    """Fail before writing when the disk cannot hold the export (see ``exporter.disk_space``)."""
+    parameter_bytes = sum(p.numel() * 4 for p in model.parameters())
+    need = export_need(parameter_bytes, options.quantize == "int8", options.with_torch, engines)
+    problems = space_problems(out, need)
+    if problems:
+        raise ExportError("; ".join(problems) + ". Nothing was written.")
+
+
 def export_onnx(
     checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None, log: Callable[..., None] = print
 ) -> ExportResult:
@@ -302,6 +312,7 @@ def export_onnx(
     out = Path(out)
     _check_destination(out, options)
     model = load_model(checkpoint)
+    _check_free_space(out, model, options, engines=False)
     result: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
@@ -350,6 +361,7 @@ def export_tensorrt(
     from exporter.tensorrt_build import build_engine, engine_metadata
 
     model = load_model(checkpoint)
+    _check_free_space(out, model, options, engines=True)
     result: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:

@@ -200,6 +200,22 @@ def test_existing_destination_needs_overwrite(checkpoint: Path, tmp_path: Path):
     assert read_manifest(tmp_path / "onnx").verification == {}
 
 
+def test_short_disk_fails_before_writing_and_names_the_fix(checkpoint: Path, tmp_path: Path, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("exporter.disk_space.shutil.disk_usage", lambda path: usage(10**12, 10**12 - 4096, 4096))
+    with pytest.raises(ExportError) as raised:
+        export_onnx(checkpoint, tmp_path / "out" / "onnx", options(quantize="int8"), log=quiet)
+    message = str(raised.value)
+    assert "not enough free disk space" in message and "4.0 KiB is free" in message
+    assert "the export directory" in message and "the temp directory" in message  # int8 also writes to TMPDIR
+    assert "choose another --out" in message and "Nothing was written" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    monkeypatch.undo()
+    export_onnx(checkpoint, tmp_path / "out" / "onnx", options(verify=False), log=quiet)
+
+
 def test_tensorrt_without_tensorrt_fails_at_once_and_writes_nothing(checkpoint: Path, tmp_path: Path):
     from runtime.trt_support import TensorRTUnavailable, require_tensorrt
 
