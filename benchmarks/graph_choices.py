@@ -7,6 +7,8 @@
    the ONNX/TensorRT reference pipelines do): beam-4 generation time and cross-cache bytes.
 4. ``--lm-head-screen``: greedy decode time per token with the exact fp32 LM head vs the screened one
    (full model and compressed-384, batch 1, 512 source tokens, 64 new tokens).
+5. ``--attention`` in the decoder step: greedy decode time per token with the cached self-attention as
+   plain ONNX ops vs ONNX Runtime's fused MultiHeadAttention (same models and cell as 4).
 
 The variants of each choice run alternately in one process, so drift hits them alike.
 
@@ -96,26 +98,43 @@ def encoder_choices(cache: Path, threads: int, repeats: int) -> dict[str, float]
     return results
 
 
-def lm_head_screen(cache: Path, threads: int, repeats: int, new_tokens: int = 64) -> dict[str, float]:
-    """Greedy decode ms/token with the exact and the screened LM head (same token ids, checked here too)."""
-    variants = {"lm-head-exact": {"lm_head_screen": "off"}, "lm-head-screened": {"lm_head_screen": "on"}}
+def decode_ms_per_token(
+    variants: dict[str, dict[str, Any]], cache: Path, threads: int, repeats: int, new_tokens: int = 64
+) -> dict[str, float]:
+    """Greedy decode ms/token of export variants on the full model and compressed-384 (batch 1, src 512).
+
+    Keys are ``<model>_<label>_ms_per_token``. The variants must give the same token ids (checked here):
+    these choices change speed, never the output.
+    """
     results = {}
     for spec in (ModelSpec(None), ModelSpec(384)):
         runtimes = _variant_runtimes(spec, cache, variants, threads)
         ids = source_ids(1, 512).tolist()
         encoded = {label: runtime.encode(ids) for label, runtime in runtimes.items()}
         settings = {"num_beams": 1, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens}
-        outputs = {label: runtime.generate(encoded=encoded[label], **settings) for label, runtime in runtimes.items()}
-        if outputs["lm-head-exact"].sequences != outputs["lm-head-screened"].sequences:
-            raise AssertionError(f"{spec.name}: the screened LM head changed the greedy tokens")
+        outputs = [runtimes[label].generate(encoded=encoded[label], **settings).sequences for label in runtimes]
+        if any(sequences != outputs[0] for sequences in outputs):
+            raise AssertionError(f"{spec.name}: the variants {', '.join(variants)} gave different greedy tokens")
         times: dict[str, list[float]] = {label: [] for label in runtimes}
         for _ in range(repeats):
             for label, runtime in runtimes.items():
                 decode_s = runtime.generate(encoded=encoded[label], **settings).timings["decode_s"]
                 times[label].append(1000 * decode_s / new_tokens)
         for label, values in times.items():
-            results[f"{spec.name}_{label.removeprefix('lm-head-')}_ms_per_token"] = statistics.median(values)
+            results[f"{spec.name}_{label}_ms_per_token"] = statistics.median(values)
     return results
+
+
+def lm_head_screen(cache: Path, threads: int, repeats: int) -> dict[str, float]:
+    """Greedy decode with the exact fp32 LM head vs the screened one."""
+    variants = {"lm-head-exact": {"lm_head_screen": "off"}, "lm-head-screened": {"lm_head_screen": "on"}}
+    return decode_ms_per_token(variants, cache, threads, repeats)
+
+
+def decoder_attention(cache: Path, threads: int, repeats: int) -> dict[str, float]:
+    """Greedy decode with the decoder step's cached self-attention as plain ops vs one fused node per layer."""
+    variants = {"attention-plain": {"attention": "plain"}, "attention-fused": {"attention": "fused"}}
+    return decode_ms_per_token(variants, cache, threads, repeats)
 
 
 def beam_sharing(cache: Path, threads: int, repeats: int, beams: int = 4) -> dict[str, float]:
@@ -176,9 +195,20 @@ def table(results: dict[str, float]) -> str:
             (
                 f"{model} greedy decode, LM head (batch 1, src 512, ms/token)",
                 "exact fp32",
-                f"{model}_exact_ms_per_token",
+                f"{model}_lm-head-exact_ms_per_token",
                 "screened",
-                f"{model}_screened_ms_per_token",
+                f"{model}_lm-head-screened_ms_per_token",
+                1,
+            )
+            for model in ("full", "compressed-384")
+        ),
+        *(
+            (
+                f"{model} greedy decode, decoder self-attention (batch 1, src 512, ms/token)",
+                "plain ops",
+                f"{model}_attention-plain_ms_per_token",
+                "fused MultiHeadAttention",
+                f"{model}_attention-fused_ms_per_token",
                 1,
             )
             for model in ("full", "compressed-384")
@@ -191,7 +221,12 @@ def table(results: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-CHOICES = {"encoder": encoder_choices, "beam": beam_sharing, "lm-head": lm_head_screen}
+CHOICES = {
+    "encoder": encoder_choices,
+    "beam": beam_sharing,
+    "lm-head": lm_head_screen,
+    "decoder-attention": decoder_attention,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention",
         choices=("auto", "fused", "plain"),
         default="auto",
-        help="encoder self-attention: ONNX Runtime's fused MultiHeadAttention or standard ops "
+        help="encoder and decoder-step self-attention: ONNX Runtime's fused MultiHeadAttention or standard ops "
         "(auto: fused for --to onnx, plain for --to trt)",
     )
     export.add_argument(

@@ -43,9 +43,9 @@ GENERATION_FIELDS = (
 
 
 ATTENTION_CHOICES = ("auto", "fused", "plain")
-"""Encoder self-attention in the ONNX graphs: ``fused`` = ONNX Runtime's MultiHeadAttention contrib op
-(faster on ONNX Runtime, unknown to TensorRT's parser), ``plain`` = standard ops, ``auto`` = fused for
-ONNX exports and plain for TensorRT engines."""
+"""Encoder and decoder-step self-attention in the ONNX graphs: ``fused`` = ONNX Runtime's MultiHeadAttention
+contrib op (fewer, faster kernels on ONNX Runtime; unknown to TensorRT's parser), ``plain`` = standard ops,
+``auto`` = fused for ONNX exports and plain for TensorRT engines."""
 
 
 LM_HEAD_SCREEN_CHOICES = ("auto", "on", "off")
@@ -232,7 +232,8 @@ def _write_onnx(
         if options.optimize:
             is_encoder = definition.name == "encoder"
             heads = model.config.encoder_attention_heads if is_encoder else model.config.decoder_attention_heads
-            fused[definition.name] = optimize_graph(path, heads, dims.base_width if is_encoder else dims.latent_width)
+            width = dims.base_width if is_encoder else dims.latent_width
+            fused[definition.name] = optimize_graph(path, heads, width, fuse_attention=is_encoder)
         if options.dtype == "fp16":
             convert_to_fp16(path)
         if options.quantize == "int8":

@@ -23,6 +23,7 @@ shared with the trained model); tests and the export's own verification hold it 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import onnx
@@ -81,13 +82,13 @@ def _self_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, heads: int
 ) -> torch.Tensor:
     """Bidirectional attention over a key padding mask: ``[B, S, d]`` bias-free projections, packed ``[3d]`` biases."""
-    batch, length, width = query.shape
+    width = query.shape[-1]
     query = _split_heads(query + bias[:width], heads)
     key = _split_heads(key + bias[width : 2 * width], heads)
     value = _split_heads(value + bias[2 * width :], heads)
     blocked = (1.0 - mask[:, None, None, :].to(query.dtype)) * torch.finfo(query.dtype).min
     context = F.scaled_dot_product_attention(query, key, value, attn_mask=blocked)
-    return context.transpose(1, 2).reshape(batch, length, width)
+    return _merge_heads(context)
 
 
 class _FusedSelfAttention(torch.autograd.Function):
@@ -148,9 +149,54 @@ class FusedEncoderGraph(nn.Module):
         return self.compressor(self.encoder(input_ids, attention_mask))
 
 
+Target = tuple[int, ...] | torch.Tensor
+"""A reshape target with ONNX's meaning of 0 (keep this dimension) and -1 (infer it): constant dimensions, or,
+while exporting, a 1-D int64 tensor computed once per graph from a ``Shape``."""
+
+
+def _reshape(states: torch.Tensor, target: Target) -> torch.Tensor:
+    """``reshape`` that exports as one ``Reshape`` node.
+
+    Why: tracing ``view(batch, length, ...)`` records each size it reads as Shape -> Gather -> Unsqueeze ->
+    Concat, per call. The decoder step had ~300 such nodes left after ONNX Runtime's optimizer, and at batch 1
+    each costs about as much as the small tensor ops they feed. A constant target with 0/-1 (which TensorRT's
+    parser reads too), or a target computed once per graph, needs none of them.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return _ReshapeNode.apply(states, target if isinstance(target, torch.Tensor) else torch.tensor(target))
+    dims = target.tolist() if isinstance(target, torch.Tensor) else target
+    return states.reshape([states.shape[i] if size == 0 else size for i, size in enumerate(dims)])
+
+
+class _ReshapeNode(torch.autograd.Function):
+    """One ONNX ``Reshape`` (0 keeps a dimension); used only while exporting (see ``_reshape``)."""
+
+    @staticmethod
+    def forward(ctx: Any, states: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return states.reshape([states.shape[i] if size == 0 else size for i, size in enumerate(target.tolist())])
+
+    @staticmethod
+    def symbolic(g: Any, states: Any, target: Any) -> Any:
+        return g.op("Reshape", states, target)
+
+
+def _shape_target(tensor: torch.Tensor, *tail: int, leading: int | None = None) -> Target:
+    """``tensor``'s shape (its first ``leading`` dimensions) followed by ``tail``: a ``Shape`` node once per
+    graph while exporting, plain sizes otherwise."""
+    if torch.onnx.is_in_onnx_export():
+        shape = torch._shape_as_tensor(tensor)[:leading]
+        return torch.cat([shape, torch.tensor(tail, dtype=torch.int64)]) if tail else shape
+    return (*tensor.shape[:leading], *tail)
+
+
 def _split_heads(states: torch.Tensor, heads: int) -> torch.Tensor:
-    batch, length, width = states.shape
-    return states.view(batch, length, heads, width // heads).transpose(1, 2)
+    """[B, T, heads * head_dim] -> [B, heads, T, head_dim]."""
+    return _reshape(states, (0, -1, heads, states.shape[-1] // heads)).transpose(1, 2)
+
+
+def _merge_heads(context: torch.Tensor) -> torch.Tensor:
+    """[B, heads, T, head_dim] -> [B, T, heads * head_dim]."""
+    return _reshape(context.transpose(1, 2), (0, 0, -1))
 
 
 class CrossKVGraph(nn.Module):
@@ -180,10 +226,17 @@ class DecoderStepGraph(nn.Module):
     ``cross_key_i`` [N, heads, head_dim, S] / ``cross_value_i`` [N, heads, S, head_dim].
     Outputs: ``logits`` [B, T, vocab] (with ``final_logits_bias``), then per layer
     ``present_key_i``/``present_value_i`` [B, heads, P + T, head_dim].
+
+    ``fused_attention`` exports each self-attention, with its cache update, as one
+    ``com.microsoft.MultiHeadAttention`` node (past in, present out). At batch 1 the step is a chain of
+    small ops, and the ~18 that spell out one cached attention cost more than its arithmetic.
+    Cross-attention stays spelled out: its K/V rows are shared by the beams of a source, which the fused
+    kernel cannot express.
     """
 
-    def __init__(self, model: BartForConditionalGeneration) -> None:
+    def __init__(self, model: BartForConditionalGeneration, fused_attention: bool = False) -> None:
         super().__init__()
+        self.fused_attention = fused_attention
         decoder = model.model.decoder
         self.embed_tokens = decoder.embed_tokens
         self.embed_positions = decoder.embed_positions
@@ -207,14 +260,25 @@ class DecoderStepGraph(nn.Module):
 
         total = past_length + steps
         allowed = torch.arange(total, device=input_ids.device)[None, :] <= (positions[:, None])
-        causal = torch.zeros(steps, total, dtype=hidden.dtype, device=hidden.device)
+        causal = torch.zeros(1, 1, steps, total, dtype=hidden.dtype, device=hidden.device)
         causal = causal.masked_fill(~allowed, torch.finfo(hidden.dtype).min)
         cross_mask = (1.0 - encoder_attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        head_dim = hidden.shape[-1] // self.heads
+        rows = _CrossRows(
+            by_source=_shape_target(encoder_attention_mask, -1, self.heads, head_dim, leading=1),
+            by_token=_shape_target(hidden),
+        )
 
         presents: list[torch.Tensor] = []
         for index, layer in enumerate(self.layers):
             hidden, key, value = self._layer(
-                layer, hidden, past[2 * index : 2 * index + 2], cross[2 * index : 2 * index + 2], causal, cross_mask
+                layer,
+                hidden,
+                past[2 * index : 2 * index + 2],
+                cross[2 * index : 2 * index + 2],
+                causal,
+                cross_mask,
+                rows,
             )
             presents += [key, value]
         logits = self.lm_head(hidden) + self.final_logits_bias
@@ -228,40 +292,117 @@ class DecoderStepGraph(nn.Module):
         cross: tuple[torch.Tensor, ...],
         causal: torch.Tensor,
         cross_mask: torch.Tensor,
+        rows: _CrossRows,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn = layer.self_attn
-        query = _split_heads(attn.q_proj(hidden), self.heads)
-        key = torch.cat([past[0], _split_heads(attn.k_proj(hidden), self.heads)], dim=2)
-        value = torch.cat([past[1], _split_heads(attn.v_proj(hidden), self.heads)], dim=2)
-        context = _attend(query * attn.scaling, key, value, causal)
+        fused = self.fused_attention and torch.onnx.is_in_onnx_export()
+        attend = _FusedCachedSelfAttention.apply if fused else _cached_self_attention
+        projections = [F.linear(hidden, proj.weight) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        context, key, value = attend(*projections, bias, causal, past[0], past[1], self.heads)
         hidden = layer.self_attn_layer_norm(hidden + attn.out_proj(context))
 
-        context = self._cross_attend(layer.encoder_attn, hidden, cross[0], cross[1], cross_mask)
+        context = _cross_attend(layer.encoder_attn, hidden, cross[0], cross[1], cross_mask, rows)
         hidden = layer.encoder_attn_layer_norm(hidden + layer.encoder_attn.out_proj(context))
 
         feed_forward = layer.fc2(self.activation(layer.fc1(hidden)))
         hidden = layer.final_layer_norm(hidden + feed_forward)
         return hidden, key, value
 
-    def _cross_attend(
-        self, attn: BartAttention, hidden: torch.Tensor, key_t: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Rows are grouped by source: decoder rows [n*K, (n+1)*K) read source n's K/V."""
-        batch, steps, width = hidden.shape
-        sources = key_t.shape[0]
-        group = batch // sources
-        query = _split_heads(attn.q_proj(hidden) * attn.scaling, self.heads)  # [B, H, T, hd]
-        head_dim = query.shape[-1]
-        query = query.reshape(sources, group, self.heads, steps, head_dim).transpose(1, 2)
-        query = query.reshape(sources, self.heads, group * steps, head_dim)
-        scores = torch.matmul(query, key_t) + mask
-        context = torch.matmul(torch.softmax(scores, dim=-1), value)  # [N, H, K*T, hd]
-        context = context.reshape(sources, self.heads, group, steps, head_dim).permute(0, 2, 3, 1, 4)
-        return context.reshape(batch, steps, width)
+
+@dataclass
+class _CrossRows:
+    """Reshape targets shared by every layer's cross-attention (see ``_cross_attend``)."""
+
+    by_source: Target  # [N, -1, heads, head_dim]
+    by_token: Target  # the decoder hidden states' [B, T, d]
+
+
+def _cross_attend(
+    attn: BartAttention,
+    hidden: torch.Tensor,
+    key_t: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    rows: _CrossRows,
+) -> torch.Tensor:
+    """Rows are grouped by source: decoder rows [n*K, (n+1)*K) read source n's K/V.
+
+    [B, T, d] in row-major order is [N, K*T, d], so one reshape gives each source its K*T query rows and one
+    matmul per (source, head) reads that source's keys once for all of its beams.
+    """
+    query = _reshape(attn.q_proj(hidden) * attn.scaling, rows.by_source).transpose(1, 2)  # [N, H, K*T, hd]
+    scores = torch.matmul(query, key_t) + mask
+    context = torch.matmul(torch.softmax(scores, dim=-1), value)  # [N, H, K*T, hd]
+    return _reshape(context.transpose(1, 2), rows.by_token)
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    batch, heads, steps, head_dim = query.shape
     scores = torch.matmul(query, key.transpose(-1, -2)) + mask
-    context = torch.matmul(torch.softmax(scores, dim=-1), value)
-    return context.transpose(1, 2).reshape(batch, steps, heads * head_dim)
+    return _merge_heads(torch.matmul(torch.softmax(scores, dim=-1), value))
+
+
+def _cached_self_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor,
+    mask: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decoder self-attention over the cache: ``[B, T, d]`` bias-free projections, packed ``[3d]`` biases,
+    an additive ``[1, 1, T, P + T]`` mask -> (context ``[B, T, d]``, present key, present value)."""
+    width = bias.shape[0] // 3  # from a weight, so a trace folds it (the projections' width is a run-time Shape)
+    query = _split_heads(query + bias[:width], heads) * (width // heads) ** -0.5
+    key = torch.cat([past_key, _split_heads(key + bias[width : 2 * width], heads)], dim=2)
+    value = torch.cat([past_value, _split_heads(value + bias[2 * width :], heads)], dim=2)
+    return _attend(query, key, value, mask), key, value
+
+
+class _FusedCachedSelfAttention(torch.autograd.Function):
+    """``_cached_self_attention`` exported as one ``com.microsoft.MultiHeadAttention`` node.
+
+    The node adds the packed biases, scales by ``head_dim ** -0.5`` as BART does, adds the mask as its
+    ``attention_bias`` and appends the new K/V to ``past_key``/``past_value`` (BNSH) to give the presents.
+    Used only while exporting to ONNX, like ``_FusedSelfAttention``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        bias: torch.Tensor,
+        mask: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+        heads: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _cached_self_attention(query, key, value, bias, mask, past_key, past_value, heads)
+
+    @staticmethod
+    def symbolic(
+        g: Any, query: Any, key: Any, value: Any, bias: Any, mask: Any, past_key: Any, past_value: Any, heads: int
+    ) -> Any:
+        no_padding_mask = g.op("prim::Constant")
+        no_padding_mask.setType(torch._C.OptionalType.ofTensor())
+        context, present_key, present_value = g.op(
+            "com.microsoft::MultiHeadAttention",
+            query,
+            key,
+            value,
+            bias,
+            no_padding_mask,
+            mask,
+            past_key,
+            past_value,
+            num_heads_i=heads,
+            outputs=3,
+        )
+        context.setType(query.type())
+        present_key.setType(past_key.type())
+        present_value.setType(past_value.type())
+        return context, present_key, present_value

@@ -56,7 +56,7 @@ def graph_definitions(
 ) -> list[GraphDefinition]:
     """The graphs of the export directory and how their axes are named (see ``exporter.graphs``).
 
-    ``fused_attention`` exports the encoder's self-attention as ONNX Runtime contrib nodes.
+    ``fused_attention`` exports the encoder's and the decoder step's self-attention as ONNX Runtime contrib nodes.
     """
     config = model.config
     _, compressor = model_parts(model)
@@ -131,7 +131,7 @@ def graph_definitions(
     definitions.append(
         GraphDefinition(
             "decoder_step",
-            DecoderStepGraph(model),
+            DecoderStepGraph(model, fused_attention),
             (torch.tensor([[2], [0], [5], [6]]), mask, *past, *cross),
             step_inputs,
             {

@@ -15,12 +15,18 @@ def fused_operator_counts(path: Path) -> dict[str, int]:
     return dict(Counter(node.op_type for node in model.graph.node if node.domain == "com.microsoft"))
 
 
-def optimize_graph(path: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
-    """Apply ONNX Runtime's transformer fusions in place; return what fused (op type -> count)."""
+def optimize_graph(path: Path, num_heads: int, hidden_size: int, fuse_attention: bool = True) -> dict[str, int]:
+    """Apply ONNX Runtime's transformer fusions in place; return what fused (op type -> count).
+
+    ``fuse_attention=False`` skips the attention fusion: its BART patterns are transformers' decoder, and
+    on our decoder step (cached K/V as graph inputs, cross-attention rows grouped by source) it can only
+    fail to match or, in some ONNX Runtime releases, raise while matching.
+    """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("bart")
+    options.enable_attention = fuse_attention
     optimized = optimize_model(
         str(path),
         model_type="bart",

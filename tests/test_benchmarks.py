@@ -117,7 +117,9 @@ def test_the_floor_of_a_screened_greedy_step_counts_the_bytes_it_reads() -> None
 def test_graph_choices_table_lists_the_measured_rows_only() -> None:
     from benchmarks.graph_choices import table
 
-    text = table({"full_exact_ms_per_token": 24.61, "full_screened_ms_per_token": 17.02, "shared_beam4_s": 1.0})
+    text = table(
+        {"full_lm-head-exact_ms_per_token": 24.61, "full_lm-head-screened_ms_per_token": 17.02, "shared_beam4_s": 1.0}
+    )
     assert text.splitlines()[2:] == [
         "| full greedy decode, LM head (batch 1, src 512, ms/token) | exact fp32: 24.6 | screened: 17.0 |"
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,26 @@ def test_variants_are_verified(checkpoint: Path, tmp_path: Path, variant, graphs
         )
     runtime = Seq2SeqRuntime.from_dir(tmp_path / "onnx")
     assert len(runtime.generate([[0, 5, 6, 2]], num_beams=2, max_new_tokens=4).sequences) == 1
+
+
+@pytest.mark.parametrize("attention", ["plain", "fused"])
+def test_decoder_step_reads_sizes_once_per_graph_and_fuses_one_attention_per_layer(tmp_path: Path, attention: str):
+    """Reshape targets are constants (0/-1) or computed once, so more layers add no Shape nodes; ``fused``
+    writes each cached self-attention as one MultiHeadAttention node, ``plain`` (TensorRT) standard ops only."""
+    ops = {}
+    for layers in (2, 4):
+        config = tiny_bart_config()
+        config.decoder_layers = layers
+        BartForConditionalGeneration(config).save_pretrained(tmp_path / f"bart-{layers}")
+        out = tmp_path / f"onnx-{layers}"
+        export_onnx(tmp_path / f"bart-{layers}", out, options(attention=attention, lm_head_screen="off"), log=quiet)
+        graph = onnx.load(str(out / "decoder_step.onnx")).graph
+        ops[layers] = Counter((node.domain or "ai.onnx", node.op_type) for node in graph.node)
+    assert ops[2][("ai.onnx", "Shape")] == ops[4][("ai.onnx", "Shape")] > 0
+    fused = {layers: counts[("com.microsoft", "MultiHeadAttention")] for layers, counts in ops.items()}
+    assert fused == ({2: 2, 4: 4} if attention == "fused" else {2: 0, 4: 0})
+    if attention == "plain":
+        assert {domain for counts in ops.values() for domain, _ in counts} == {"ai.onnx"}
 
 
 def encoder_attention_nodes(directory: Path) -> int:
