@@ -23,6 +23,7 @@ shared with the trained model); tests and the export's own verification hold it 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,23 +70,37 @@ class EncoderGraph(nn.Module):
         attend = _FusedSelfAttention.apply if torch.onnx.is_in_onnx_export() else _self_attention
         for layer in encoder.layers:
             attn = layer.self_attn
-            projections = [F.linear(hidden, proj.weight) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
-            bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-            context = attend(*projections, bias, attention_mask, attn.num_heads)
+            context = attend(*_projections(attn, hidden), attention_mask, attn.num_heads)
             hidden = layer.self_attn_layer_norm(hidden + attn.out_proj(context))
             feed_forward = layer.fc2(layer.activation_fn(layer.fc1(hidden)))
             hidden = layer.final_layer_norm(hidden + feed_forward)
         return hidden
 
 
+def _projections(attn: BartAttention, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Bias-free Q/K/V projections and their packed ``[3d]`` biases: the inputs of a fused attention node."""
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    return (*(F.linear(hidden, proj.weight) for proj in projections), torch.cat([proj.bias for proj in projections]))
+
+
+def _biased_heads(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Add the packed ``[3d]`` biases and split into heads; the width comes from the biases, a weight, so a
+    trace folds it (the projections' width would be a run-time Shape)."""
+    width = bias.shape[0] // 3
+    return (
+        _split_heads(query + bias[:width], heads),
+        _split_heads(key + bias[width : 2 * width], heads),
+        _split_heads(value + bias[2 * width :], heads),
+    )
+
+
 def _self_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, heads: int
 ) -> torch.Tensor:
     """Bidirectional attention over a key padding mask: ``[B, S, d]`` bias-free projections, packed ``[3d]`` biases."""
-    width = query.shape[-1]
-    query = _split_heads(query + bias[:width], heads)
-    key = _split_heads(key + bias[width : 2 * width], heads)
-    value = _split_heads(value + bias[2 * width :], heads)
+    query, key, value = _biased_heads(query, key, value, bias, heads)
     blocked = (1.0 - mask[:, None, None, :].to(query.dtype)) * torch.finfo(query.dtype).min
     context = F.scaled_dot_product_attention(query, key, value, attn_mask=blocked)
     return _merge_heads(context)
@@ -100,16 +115,8 @@ class _FusedSelfAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        bias: torch.Tensor,
-        mask: torch.Tensor,
-        heads: int,
-    ) -> torch.Tensor:
-        return _self_attention(query, key, value, bias, mask, heads)
+    def forward(ctx: Any, *inputs: Any) -> torch.Tensor:  # type: ignore[override]
+        return _self_attention(*inputs)
 
     @staticmethod
     def symbolic(g: Any, query: Any, key: Any, value: Any, bias: Any, mask: Any, heads: int) -> Any:
@@ -263,22 +270,19 @@ class DecoderStepGraph(nn.Module):
         causal = torch.zeros(1, 1, steps, total, dtype=hidden.dtype, device=hidden.device)
         causal = causal.masked_fill(~allowed, torch.finfo(hidden.dtype).min)
         cross_mask = (1.0 - encoder_attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-        head_dim = hidden.shape[-1] // self.heads
-        rows = _CrossRows(
-            by_source=_shape_target(encoder_attention_mask, -1, self.heads, head_dim, leading=1),
+        fused = self.fused_attention and torch.onnx.is_in_onnx_export()
+        step = _Step(
+            attend=_FusedCachedSelfAttention.apply if fused else _cached_self_attention,
+            causal=causal,
+            cross_mask=cross_mask,
+            by_source=_shape_target(encoder_attention_mask, -1, self.heads, hidden.shape[-1] // self.heads, leading=1),
             by_token=_shape_target(hidden),
         )
 
         presents: list[torch.Tensor] = []
         for index, layer in enumerate(self.layers):
             hidden, key, value = self._layer(
-                layer,
-                hidden,
-                past[2 * index : 2 * index + 2],
-                cross[2 * index : 2 * index + 2],
-                causal,
-                cross_mask,
-                rows,
+                layer, hidden, past[2 * index : 2 * index + 2], cross[2 * index : 2 * index + 2], step
             )
             presents += [key, value]
         logits = self.lm_head(hidden) + self.final_logits_bias
@@ -290,19 +294,13 @@ class DecoderStepGraph(nn.Module):
         hidden: torch.Tensor,
         past: tuple[torch.Tensor, ...],
         cross: tuple[torch.Tensor, ...],
-        causal: torch.Tensor,
-        cross_mask: torch.Tensor,
-        rows: _CrossRows,
+        step: _Step,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn = layer.self_attn
-        fused = self.fused_attention and torch.onnx.is_in_onnx_export()
-        attend = _FusedCachedSelfAttention.apply if fused else _cached_self_attention
-        projections = [F.linear(hidden, proj.weight) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
-        bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-        context, key, value = attend(*projections, bias, causal, past[0], past[1], self.heads)
+        context, key, value = step.attend(*_projections(attn, hidden), step.causal, past[0], past[1], self.heads)
         hidden = layer.self_attn_layer_norm(hidden + attn.out_proj(context))
 
-        context = _cross_attend(layer.encoder_attn, hidden, cross[0], cross[1], cross_mask, rows)
+        context = _cross_attend(layer.encoder_attn, hidden, cross[0], cross[1], step)
         hidden = layer.encoder_attn_layer_norm(hidden + layer.encoder_attn.out_proj(context))
 
         feed_forward = layer.fc2(self.activation(layer.fc1(hidden)))
@@ -311,10 +309,13 @@ class DecoderStepGraph(nn.Module):
 
 
 @dataclass
-class _CrossRows:
-    """Reshape targets shared by every layer's cross-attention (see ``_cross_attend``)."""
+class _Step:
+    """What every layer of one decoder step shares, built once per step graph."""
 
-    by_source: Target  # [N, -1, heads, head_dim]
+    attend: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # cached self-attention, fused or not
+    causal: torch.Tensor  # [1, 1, T, P + T] additive mask
+    cross_mask: torch.Tensor  # [N, 1, 1, S] additive mask
+    by_source: Target  # cross-attention query rows as [N, -1, heads, head_dim]
     by_token: Target  # the decoder hidden states' [B, T, d]
 
 
@@ -323,18 +324,17 @@ def _cross_attend(
     hidden: torch.Tensor,
     key_t: torch.Tensor,
     value: torch.Tensor,
-    mask: torch.Tensor,
-    rows: _CrossRows,
+    step: _Step,
 ) -> torch.Tensor:
     """Rows are grouped by source: decoder rows [n*K, (n+1)*K) read source n's K/V.
 
     [B, T, d] in row-major order is [N, K*T, d], so one reshape gives each source its K*T query rows and one
     matmul per (source, head) reads that source's keys once for all of its beams.
     """
-    query = _reshape(attn.q_proj(hidden) * attn.scaling, rows.by_source).transpose(1, 2)  # [N, H, K*T, hd]
-    scores = torch.matmul(query, key_t) + mask
+    query = _reshape(attn.q_proj(hidden) * attn.scaling, step.by_source).transpose(1, 2)  # [N, H, K*T, hd]
+    scores = torch.matmul(query, key_t) + step.cross_mask
     context = torch.matmul(torch.softmax(scores, dim=-1), value)  # [N, H, K*T, hd]
-    return _reshape(context.transpose(1, 2), rows.by_token)
+    return _reshape(context.transpose(1, 2), step.by_token)
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -354,11 +354,10 @@ def _cached_self_attention(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decoder self-attention over the cache: ``[B, T, d]`` bias-free projections, packed ``[3d]`` biases,
     an additive ``[1, 1, T, P + T]`` mask -> (context ``[B, T, d]``, present key, present value)."""
-    width = bias.shape[0] // 3  # from a weight, so a trace folds it (the projections' width is a run-time Shape)
-    query = _split_heads(query + bias[:width], heads) * (width // heads) ** -0.5
-    key = torch.cat([past_key, _split_heads(key + bias[width : 2 * width], heads)], dim=2)
-    value = torch.cat([past_value, _split_heads(value + bias[2 * width :], heads)], dim=2)
-    return _attend(query, key, value, mask), key, value
+    query, key, value = _biased_heads(query, key, value, bias, heads)
+    key = torch.cat([past_key, key], dim=2)
+    value = torch.cat([past_value, value], dim=2)
+    return _attend(query * (bias.shape[0] // 3 // heads) ** -0.5, key, value, mask), key, value
 
 
 class _FusedCachedSelfAttention(torch.autograd.Function):
@@ -370,18 +369,8 @@ class _FusedCachedSelfAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        bias: torch.Tensor,
-        mask: torch.Tensor,
-        past_key: torch.Tensor,
-        past_value: torch.Tensor,
-        heads: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _cached_self_attention(query, key, value, bias, mask, past_key, past_value, heads)
+    def forward(ctx: Any, *inputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return _cached_self_attention(*inputs)
 
     @staticmethod
     def symbolic(
