@@ -27,7 +27,6 @@ LATENCY_FILES = (
     "latency-torch-latents.json",
     "latency-quick.json",
 )
-UNDERTRAINED_BLEU = 10.0  # below this a Multi30k model has not learned to translate yet
 
 
 def _find(data: dict, system: str, model: str, precision: str = "fp32") -> dict | None:
@@ -207,6 +206,23 @@ def _screened_floor(row: dict, data: dict) -> str:
     return SCREENED_FLOOR.format(row=row, fp32_floor=fp32_floor, fp32_ratio=row["per_token_ms"] / fp32_floor)
 
 
+def quality_section(data: dict) -> str:
+    """The trained-model results of ``python -m benchmarks.quality`` (see benchmarks/quality/)."""
+    machine = data["machine"]
+    return (
+        f"#### `{data['command']}` ({data['date']}, {data['minutes']} minutes; {machine['cpu']}, flags "
+        f"{', '.join(machine['flags']) or 'none'}; Multi30k En->De test 2016, {data['vocabulary']} trimmed BPE ids)\n"
+        f"{data['translation_table']}\n\n"
+        + (
+            f"AG News (stratified 6,000 / 1,600 split of the shared test file):\n\n{data['classification_table']}\n\n"
+            if data.get("classification_table")
+            else ""
+        )
+        + "![quality vs latency](benchmarks/results/quality.png)\n"
+        + "![learning curves](benchmarks/results/quality-curves.png)\n"
+    )
+
+
 def section(results: Path) -> str:
     parts = ["#### Targets (ratios measured in the same run)\n", targets(results), ""]
     for name in LATENCY_FILES:
@@ -232,21 +248,7 @@ def section(results: Path) -> str:
             parts.append(f"![train memory](benchmarks/results/{memory.with_suffix('.png').name})\n")
     quality = results / "quality.json"
     if quality.is_file():
-        data = json.loads(quality.read_text())
-        parts.append(
-            f"#### `{data['command']}` ({data['date']}, {data['minutes']} minutes on 2 cores; Multi30k En->De test "
-            f"2016, greedy, trimmed vocabulary of {data['vocabulary']} BPE ids)\n{data['table']}\n"
-        )
-        best = max(row["bleu"] for row in data["rows"])
-        if best < UNDERTRAINED_BLEU:
-            parts.append(
-                f"At this budget ({data['budget']['base_steps']} steps of 32 sentences, about one epoch) every model "
-                f"is undertrained (best BLEU {best:.1f}): the BLEU differences are noise and do not show the paper's "
-                "trade-off yet; only the latency axis is meaningful. `--scale 10` trains ten times longer (about "
-                "ten hours on 2 cores; minutes on a GPU).\n"
-            )
-        if quality.with_suffix(".png").is_file():
-            parts.append("![quality](benchmarks/results/quality.png)\n")
+        parts.append(quality_section(json.loads(quality.read_text())))
     smoke = results / "cnn-dailymail-smoke.json"
     if smoke.is_file():
         data = json.loads(smoke.read_text())

@@ -17,14 +17,28 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--epochs", type=int, default=1)
     group.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     group.add_argument("--batch-size", type=int, default=8)
+    group.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="length-bucketed batches of at most N padded tokens instead of --batch-size sentences",
+    )
     group.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     group.add_argument("--lr", type=float, default=5e-4)
     group.add_argument("--weight-decay", type=float, default=0.0)
     group.add_argument("--warmup-steps", type=int, default=0)
+    group.add_argument(
+        "--lr-schedule",
+        choices=("linear", "inverse_sqrt"),
+        default="linear",
+        help="linear: warm-up then linear decay to 0 at the last step; inverse_sqrt: warm-up then 1/sqrt(step)",
+    )
+    group.add_argument("--label-smoothing", type=float, default=0.0, help="e.g. 0.1 for translation")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     group.add_argument("--save-every", type=int, default=0, help="write OUT/checkpoints/step-N every N steps")
+    group.add_argument("--save-each-epoch", action="store_true", help="write OUT/checkpoints/epoch-N after each epoch")
     group.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (and at the end)")
     group.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint written by this stage")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -57,7 +71,11 @@ def _training_args(args: argparse.Namespace) -> Any:
         mixed_precision=args.mixed_precision,
         device=args.device,
         save_every=args.save_every,
+        save_each_epoch=args.save_each_epoch,
         eval_every=args.eval_every,
+        max_tokens=args.max_tokens,
+        lr_schedule=args.lr_schedule,
+        label_smoothing=args.label_smoothing,
         resume_from=args.resume,
         progress=not args.no_progress,
     )
@@ -158,6 +176,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from compression.data import load_records, tokenize_classification, tokenize_seq2seq
     from compression.training import Seq2SeqEvaluation, train_classifier, train_decoder
 
+    if args.task == "classification" and args.distill_from:
+        raise SystemExit("error: --distill-from distils a seq2seq decoder; drop it for --task classification")
     model = _model_for_training(args, "classification" if args.task == "classification" else "seq2seq")
     tokenizer = _load_tokenizer(args.tokenizer or str(args.model))
     rows = load_records(args.data, args.split, args.subset, args.limit)
@@ -211,10 +231,24 @@ def cmd_train(args: argparse.Namespace) -> int:
             evaluation,
             args.unfreeze_encoder,
             args.unfreeze_compressor,
+            _distillation(args),
         )
     summary = f", final evaluation {result.evaluations[-1]}" if result.evaluations else ""
     print(f"stage 2 done: {result.steps} steps, final loss {result.losses[-1]:.4f}{summary}; checkpoint in {args.out}")
     return 0
+
+
+def _distillation(args: argparse.Namespace) -> Any:
+    """``--distill-from``'s teacher, loaded as a plain BART (the base the student was compressed from)."""
+    if args.distill_from is None:
+        return None
+    from compression.build import load_base_model
+    from compression.training import Distillation
+
+    try:
+        return Distillation(load_base_model(args.distill_from), args.distill_alpha, args.distill_temperature)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: --distill-from {args.distill_from}: {error}") from error
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -420,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--metric", choices=("rouge", "bleu", "exact_match"), default=None)
     task.add_argument("--unfreeze-encoder", action="store_true", help="also train the BART encoder")
     task.add_argument("--unfreeze-compressor", action="store_true", help="also train the autoencoder's encoder half")
+    distill = train.add_argument_group("distillation (token-level KD from the base model the student was built from)")
+    distill.add_argument("--distill-from", default=None, help="the base BART checkpoint (teacher)")
+    distill.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the teacher's soft targets")
+    distill.add_argument("--distill-temperature", type=float, default=1.0, help="softmax temperature of both models")
     generation = train.add_argument_group(
         "generation during evaluation (paper defaults: 4 beams, lp 2.0, no-repeat 3, min 55, max 144)"
     )

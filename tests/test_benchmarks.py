@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from benchmarks import cnn_dailymail, latency, quality
+from benchmarks import cnn_dailymail, latency
 from benchmarks.models import ModelSpec
+from benchmarks.quality import data as quality_data
+from benchmarks.quality import stats
+from benchmarks.quality.run import check_recipe
+from benchmarks.quality.run import main as quality_main
+from benchmarks.quality.translation import QUICK
 from compression.config import PAPER_GENERATION
 from compression.data import Example, load_tokenizer
 
@@ -18,18 +24,58 @@ def test_bare_bpe_folder_loads_as_the_bart_tokenizer(shared_data: Path) -> None:
     assert tokenizer("Hello world")["input_ids"] == [0, 31414, 232, 2]
 
 
-def test_trimmed_vocabulary_round_trips_and_keeps_special_ids() -> None:
+def test_trimmed_vocabulary_round_trips_keeps_special_ids_and_maps_unseen_ids_to_unk() -> None:
     examples = [Example([0, 900, 17, 2], [0, 40000, 17, 2]), Example([0, 5, 2, 1], [0, 3, 2])]
-    vocabulary = quality.TrimmedVocabulary.from_examples(examples, [0, 1, 2, 3])
+    vocabulary = quality_data.TrimmedVocabulary.from_examples(examples, [0, 1, 2, 3])
     assert vocabulary.kept == (0, 1, 2, 3, 5, 17, 900, 40000)
     compact = vocabulary.compact([0, 40000, 17, 2, 1])
     assert compact == [0, 7, 5, 2, 1]
     assert vocabulary.original(compact) == [0, 40000, 17, 2, 1]
+    assert vocabulary.compact([0, 31414, 2]) == [0, 3, 2]  # never seen in training: <unk>
 
 
 def test_trimmed_vocabulary_refuses_specials_that_are_not_the_smallest_ids() -> None:
     with pytest.raises(ValueError, match="special ids"):
-        quality.TrimmedVocabulary.from_examples([Example([0, 5], [0, 5])], [0, 50264])
+        quality_data.TrimmedVocabulary.from_examples([Example([0, 5], [0, 5])], [0, 50264])
+
+
+def test_stratified_split_is_deterministic_disjoint_and_balanced() -> None:
+    labels = [i % 4 for i in range(100)]
+    train, test = quality_data.stratified_split(labels, test_per_class=5)
+    assert (train, test) == quality_data.stratified_split(labels, test_per_class=5)
+    assert not set(train) & set(test) and sorted(train + test) == list(range(100))
+    assert [sum(labels[i] == label for i in test) for label in range(4)] == [5, 5, 5, 5]
+    with pytest.raises(ValueError, match="cannot hold out 30"):
+        quality_data.stratified_split(labels, test_per_class=30)
+
+
+def test_bootstrap_bleu_matches_sacrebleu_and_a_paired_difference_of_a_system_with_itself_is_zero() -> None:
+    import sacrebleu
+
+    hypotheses = ["a b c d", "x y", "the cat sat on it", "on the mat", "one two three four five"]
+    references = ["a b c e", "x y z", "the cat sat on it", "on a mat", "one two three four six"]
+    statistics = stats.bleu_statistics(hypotheses, references)
+    interval = stats.bootstrap(statistics, stats.bleu_from_statistics, resamples=200)
+    assert interval.value == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+    assert interval.low <= interval.value <= interval.high and interval.low < interval.high
+    same = stats.paired_bootstrap(statistics, statistics, stats.bleu_from_statistics, resamples=200)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    worse = stats.bleu_statistics(["a", "x", "the", "on", "one"], references)
+    delta = stats.paired_bootstrap(worse, statistics, stats.bleu_from_statistics, resamples=200)
+    assert delta.high < 0
+
+
+def test_accuracy_interval_brackets_the_accuracy() -> None:
+    statistics = stats.accuracy_statistics([1, 0, 1, 1] * 25, [1, 1, 1, 1] * 25)
+    interval = stats.bootstrap(statistics, stats.accuracy_from_statistics)
+    assert interval.value == 75.0 and 60 < interval.low < 75 < interval.high < 90
+
+
+def test_a_work_folder_refuses_models_of_another_recipe(tmp_path: Path) -> None:
+    check_recipe(tmp_path, QUICK)
+    check_recipe(tmp_path, replace(QUICK, base_epochs=9))  # more epochs: training resumes
+    with pytest.raises(SystemExit, match="another recipe .*d_model"):
+        check_recipe(tmp_path, replace(QUICK, d_model=96))
 
 
 def test_latent_sizes_scale_the_papers_projections() -> None:
@@ -59,18 +105,27 @@ def test_cnn_dailymail_protocol_smoke_runs_end_to_end(tmp_path: Path, shared_dat
     assert payload["generation"] == PAPER_GENERATION
 
 
-def test_quality_quick_preset_trains_exports_and_scores(tmp_path: Path, shared_data: Path, capsys) -> None:
-    assert quality.main(["--quick", "--work", str(tmp_path / "work"), "--results", str(tmp_path)]) == 0
+def test_quality_quick_preset_trains_exports_scores_and_reuses(tmp_path: Path, shared_data: Path, capsys) -> None:
+    arguments = ["--quick", "--work", str(tmp_path / "work"), "--results", str(tmp_path), "--no-progress"]
+    assert quality_main(arguments) == 0
     payload = json.loads((tmp_path / "quality-quick.json").read_text())
-    assert [row["model"] for row in payload["rows"]] == ["full (256)", "compressed-128"]
-    for row in payload["rows"]:
-        assert 0.0 <= row["bleu"] <= 100.0
-        assert row["decode_ms_per_token"] > 0
+    rows = {row["model"]: row for row in payload["translation"]}
+    assert list(rows) == ["base", "compressed-32", "compressed-32-distilled"]
+    for name, row in rows.items():
+        assert row["beam"]["low"] <= row["beam"]["value"] <= row["beam"]["high"]
+        assert row["ms_fp32"]["median"] > 0 and row["ms_int8"]["median"] > 0
+        assert row["finetune"]["step_seconds"] > 0
+        assert ("beam_delta" in row) == (name != "base")
+    assert rows["compressed-32"]["decoder_parameters"] < rows["base"]["decoder_parameters"]
+    assert rows["base"]["finetune"]["trainable_parameters"] > rows["compressed-32"]["finetune"]["trainable_parameters"]
+    assert [row["model"] for row in payload["classification"]] == ["base", "compressed-32"]
+    assert payload["training"]["base"]["evaluations"][-1]["epoch"] == QUICK.base_epochs
     assert 1000 < payload["vocabulary"] < 50265
-    assert (tmp_path / "quality-quick.png").stat().st_size > 0
+    for plot in ("quality-quick.png", "quality-quick-curves.png"):
+        assert (tmp_path / plot).stat().st_size > 0
     capsys.readouterr()
-    assert quality.main(["--quick", "--work", str(tmp_path / "work"), "--results", str(tmp_path)]) == 0
-    assert "reusing" in capsys.readouterr().out  # the second run measures without training again
+    assert quality_main(arguments) == 0
+    assert "[base] reusing" in capsys.readouterr().out  # the second run measures without training again
 
 
 def test_bench_reports_tensorrt_as_skipped_with_the_reason_when_it_cannot_run(tmp_path: Path, capsys) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_bart_config
-from transformers import BartForConditionalGeneration
+from transformers import BartConfig, BartForConditionalGeneration
 
 from cbart.cli import main
 from compression import load_compressed_model
@@ -214,3 +214,26 @@ def test_import_original_from_the_command_line(tmp_path, capsys):
     assert load_compressed_model(tmp_path / "ours").config.latent_sizes == [24, 16]
     assert main(["import-original", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "is missing config.json" in capsys.readouterr().err
+
+
+def test_stage2_distilled_from_the_base_with_bucketed_batches(tmp_path, base_with_tokenizer, translation_file, capsys):
+    common = ["--data", str(translation_file), "--no-progress", "--device", "cpu", "--max-source-length", "48"]
+    assert main(["train-ae", str(base_with_tokenizer), "--latent", "24", "16", "--variant", "token",
+                 "--out", str(tmp_path / "ae"), "--max-steps", "1", *common]) == 0  # fmt: skip
+    arguments = ["train", str(tmp_path / "ae"), "--task", "translation", "--max-target-length", "48", "--epochs", "2",
+                 "--max-tokens", "200", "--lr-schedule", "inverse_sqrt", "--warmup-steps", "2",
+                 "--label-smoothing", "0.1", "--save-each-epoch", "--distill-from", str(base_with_tokenizer),
+                 "--distill-alpha", "0.7", "--distill-temperature", "2", *common]  # fmt: skip
+    assert main([*arguments, "--out", str(tmp_path / "kd")]) == 0
+    assert "stage 2 done" in capsys.readouterr().out
+    state = torch.load(tmp_path / "kd" / "training_state.pt", weights_only=False)
+    assert state["epoch"] == 2 and state["compatibility"]["distilled"] is True
+    assert sorted(p.name for p in (tmp_path / "kd" / "checkpoints").iterdir()) == ["epoch-1", "epoch-2"]
+
+    other = tmp_path / "other-base"
+    torch.manual_seed(1)
+    BartForConditionalGeneration(BartConfig.from_pretrained(base_with_tokenizer)).save_pretrained(other)
+    teacher_swapped = [str(other) if a == str(base_with_tokenizer) else a for a in arguments]
+    assert main([*teacher_swapped, "--out", str(tmp_path / "bad")]) == 2
+    assert "the teacher's encoder weight" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

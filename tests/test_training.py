@@ -14,6 +14,7 @@ from compression import CheckpointError, build_from_base, load_compressed_model
 from compression.data import Collator, Example, load_records, tokenize_seq2seq
 from compression.synthetic import ReversalTask, strip_specials
 from compression.training import (
+    Distillation,
     Seq2SeqEvaluation,
     TrainingArguments,
     train_autoencoder,
@@ -21,7 +22,15 @@ from compression.training import (
     train_decoder,
     train_full_model,
 )
-from compression.training.stages import AUTOENCODER_FILE, classification_accuracy, to_classifier
+from compression.training.loop import SCHEDULES, epoch_batches
+from compression.training.stages import (
+    AUTOENCODER_FILE,
+    classification_accuracy,
+    distillation_loss,
+    label_loss,
+    target_logits,
+    to_classifier,
+)
 
 TASK = ReversalTask(symbols=8, min_length=3, max_length=6)
 
@@ -194,3 +203,78 @@ def test_both_stages_on_real_translation_data_with_the_real_tokenizer(
 
     stored = AutoTokenizer.from_pretrained(tmp_path / "mt")
     assert stored("Hello world").input_ids == [0, 31414, 232, 2]
+
+
+def test_length_bucketed_batches_respect_the_token_budget_and_cover_every_example_once(tmp_path: Path):
+    examples = TASK.sample(200, 0)
+    settings = args(tmp_path, "b", max_tokens=64)
+    batches = epoch_batches(examples, settings, epoch=0)
+    assert sorted(i for batch in batches for i in batch) == list(range(200))
+    for batch in batches:
+        longest = max(max(len(examples[i].input_ids), len(examples[i].labels)) for i in batch)
+        assert longest * len(batch) <= 64 or len(batch) == 1
+    assert batches == epoch_batches(examples, settings, epoch=0)  # a resumed run rebuilds the same epoch
+    assert batches != epoch_batches(examples, settings, epoch=1)
+
+
+def test_inverse_sqrt_schedule_warms_up_linearly_then_decays_with_the_square_root():
+    factor = SCHEDULES["inverse_sqrt"](warmup=4, total=0)
+    assert [factor(step) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(15) == pytest.approx(0.5)  # step 16 = 4 x warm-up: 1/sqrt(4)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        args(Path("x"), "x", lr_schedule="cosine")
+
+
+def test_epoch_checkpoints_resume_to_the_same_weights_as_a_straight_run(tmp_path: Path):
+    examples = TASK.sample(64, 0)
+    epoch_settings = {"max_steps": None, "epochs": 2, "max_tokens": 80, "save_each_epoch": True}
+    straight = small_model()
+    train_decoder(straight, examples, args(tmp_path, "straight", **epoch_settings))
+    first = tmp_path / "straight" / "checkpoints" / "epoch-1"
+    resumed = load_compressed_model(first)
+    result = train_decoder(resumed, examples, args(tmp_path, "resumed", resume_from=first, **epoch_settings))
+    assert torch.load(tmp_path / "resumed" / "training_state.pt", weights_only=False)["epoch"] == 2
+    assert result.steps == len(epoch_batches(examples, args(tmp_path, "x", max_tokens=80), 0)) * 2
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_target_position_loss_equals_transformers_loss_and_smoothing_raises_it():
+    model = small_model().train(False)
+    batch = Collator(model.config.pad_token_id)(TASK.sample(6, 3))
+    reference = model(**batch).loss
+    logits = target_logits(model, batch)
+    assert logits.shape == (int((batch["labels"] != -100).sum()), model.config.vocab_size)
+    torch.testing.assert_close(label_loss(logits, batch["labels"]), reference)
+    assert label_loss(logits, batch["labels"], 0.1) > reference
+
+
+def test_distillation_loss_is_the_temperature_scaled_kl_to_the_teacher():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 7), torch.randn(5, 7)
+    assert distillation_loss(teacher, teacher, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    p_teacher = torch.softmax(teacher / 2, -1)
+    expected = (p_teacher * (p_teacher.log() - torch.log_softmax(student / 2, -1))).sum(-1).mean() * 4
+    torch.testing.assert_close(distillation_loss(student, teacher, 2.0), expected)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        Distillation(torch.nn.Linear(1, 1), alpha=1.5)  # type: ignore[arg-type]
+
+
+def test_distilled_stage2_moves_the_student_towards_the_teacher(tmp_path: Path):
+    torch.manual_seed(0)
+    teacher = BartForConditionalGeneration(TASK.base_config(width=32, ffn=64)).eval()
+    examples = TASK.sample(128, 0)
+    batch = Collator(1)(examples[:32])
+
+    def kl_to_teacher(student) -> float:
+        with torch.no_grad():
+            return float(distillation_loss(target_logits(student.eval(), batch), target_logits(teacher, batch), 1.0))
+
+    student = build_from_base(teacher, [24, 16], "token")
+    before = kl_to_teacher(student)
+    train_decoder(student, examples, args(tmp_path, "kd", max_steps=25), distillation=Distillation(teacher, alpha=1.0))
+    assert kl_to_teacher(student) < 0.7 * before
+    torch.manual_seed(1)  # fit() reseeds the global generator: without this the stranger would be the teacher
+    stranger = BartForConditionalGeneration(TASK.base_config(width=32, ffn=64))
+    with pytest.raises(ValueError, match="teacher's encoder weight"):
+        train_decoder(student, examples, args(tmp_path, "x"), distillation=Distillation(stranger))

@@ -3,6 +3,7 @@ and the full-model fine-tuning they are compared against."""
 
 from compression.training.loop import TrainingArguments, TrainResult
 from compression.training.stages import (
+    Distillation,
     Seq2SeqEvaluation,
     evaluate_generation,
     train_autoencoder,
@@ -12,6 +13,7 @@ from compression.training.stages import (
 )
 
 __all__ = [
+    "Distillation",
     "Seq2SeqEvaluation",
     "TrainResult",
     "TrainingArguments",

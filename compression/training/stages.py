@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.bart.modeling_bart import shift_tokens_right
 
 from compression.autoencoder import LatentAutoencoder, reconstruction_loss
 from compression.checkpoint import save_checkpoint
@@ -50,6 +53,77 @@ def _saver(
         save_checkpoint(model, directory, tokenizer, state, extra() if extra else None, keep=(CHECKPOINTS,))
 
     return write
+
+
+def target_logits(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], encoder_outputs: BaseModelOutput | None = None
+) -> torch.Tensor:
+    """Teacher-forced logits at the non-pad target positions only, as ``(tokens, vocab)``.
+
+    The decoder reads the labels shifted right. The LM head runs only where a label exists: on
+    length-bucketed batches a quarter or more of the padded positions are pads, and the LM head
+    with its softmax is the largest single cost of a small model's training step.
+    """
+    config = model.config
+    labels = batch["labels"]
+    decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+    hidden = model.model(
+        input_ids=None if encoder_outputs is not None else batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        encoder_outputs=encoder_outputs,
+        decoder_input_ids=decoder_input_ids,
+        use_cache=False,
+    ).last_hidden_state
+    return F.linear(hidden[labels != -100], model.lm_head.weight, model.final_logits_bias[0])
+
+
+def label_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean token cross-entropy of ``target_logits`` against the batch's non-pad labels, optionally smoothed."""
+    return F.cross_entropy(logits.float(), labels[labels != -100], label_smoothing=label_smoothing)
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Token-level knowledge distillation from the base (teacher) model into the narrow decoder.
+
+    loss = (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T), where ``_T``
+    is the softmax at temperature T (Hinton et al., 2015). The T^2 keeps the soft term's gradient
+    scale independent of T. The teacher reads the same frozen encoder output the student compresses,
+    so the encoder runs once per batch for both.
+    """
+
+    teacher: PreTrainedModel
+    alpha: float = 0.5
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"distillation alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"distillation temperature must be > 0, got {self.temperature}")
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over the target tokens (``target_logits``)."""
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def check_teacher(model: CompressedBartForConditionalGeneration, teacher: PreTrainedModel) -> None:
+    """The teacher must share the student's frozen encoder and vocabulary, or its soft targets are for other inputs."""
+    if teacher.config.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's "
+            f"({model.config.vocab_size}); distil from the base model the student was compressed from"
+        )
+    student = model.model.encoder.base.state_dict()
+    for name, tensor in teacher.get_encoder().state_dict().items():
+        if name in student and not torch.equal(student[name].cpu(), tensor.cpu()):
+            raise ValueError(
+                f"the teacher's encoder weight {name!r} differs from the student's; distil from the base model "
+                "the student was compressed from (its encoder is the student's frozen encoder)"
+            )
 
 
 def train_autoencoder(
@@ -139,6 +213,12 @@ def evaluate_generation(model: PreTrainedModel, evaluation: Seq2SeqEvaluation) -
     return TEXT_METRICS[evaluation.metric](predictions, list(evaluation.references))
 
 
+def _generation_scorer(
+    model: PreTrainedModel, evaluation: Seq2SeqEvaluation | None
+) -> Callable[[], dict[str, float]] | None:
+    return (lambda: evaluate_generation(model, evaluation)) if evaluation is not None else None
+
+
 def train_decoder(
     model: CompressedBartForConditionalGeneration,
     examples: Sequence[Example],
@@ -147,15 +227,39 @@ def train_decoder(
     evaluation: Seq2SeqEvaluation | None = None,
     train_encoder: bool = False,
     train_compressor: bool = False,
+    distillation: Distillation | None = None,
+    evaluation_callback: Callable[[], dict[str, float]] | None = None,
 ) -> TrainResult:
-    """Stage 2: train the narrow decoder on a seq2seq task from the compressed memory."""
+    """Stage 2: train the narrow decoder on a seq2seq task from the compressed memory.
+
+    With ``distillation`` the loss mixes the labels with the base model's soft targets.
+    ``evaluation_callback`` replaces the ``evaluation`` scoring when a caller scores its own way.
+    """
     model.to(args.device)
     _freeze_for_stage2(model, train_encoder, train_compressor)
+    smoothing = args.label_smoothing
+    if distillation is None:
 
-    def compute_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**batch).loss
+        def compute_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return label_loss(target_logits(model, batch), batch["labels"], smoothing)
 
-    evaluate = (lambda: evaluate_generation(model, evaluation)) if evaluation is not None else None
+    else:
+        if train_encoder:
+            raise ValueError("distillation shares the frozen encoder with the teacher; drop --unfreeze-encoder")
+        check_teacher(model, distillation.teacher)
+        teacher = distillation.teacher.to(args.device).eval().requires_grad_(False)
+        encoder = model.model.encoder
+
+        def compute_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with torch.no_grad():
+                hidden = encoder.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                teacher_logits = target_logits(teacher, batch, hidden)
+            compressed = BaseModelOutput(last_hidden_state=encoder.compressor(hidden.last_hidden_state))
+            logits = target_logits(model, batch, compressed)
+            hard = label_loss(logits, batch["labels"], smoothing)
+            soft = distillation_loss(logits, teacher_logits, distillation.temperature)
+            return (1 - distillation.alpha) * hard + distillation.alpha * soft
+
     result = fit(
         list(model.parameters()),
         compute_loss,
@@ -163,9 +267,9 @@ def train_decoder(
         Collator(model.config.pad_token_id, _pad_source_to(model, train_compressor)),
         args,
         _saver(model, tokenizer),
-        _compatibility(model, "decoder", [model]),
-        evaluate,
-        description="stage 2: decoder",
+        {**_compatibility(model, "decoder", [model]), "distilled": distillation is not None},
+        evaluation_callback or _generation_scorer(model, evaluation),
+        description="stage 2: decoder" + (" (distilled)" if distillation is not None else ""),
     )
     model.eval()
     return result
@@ -177,20 +281,30 @@ def train_full_model(
     args: TrainingArguments,
     tokenizer: Any = None,
     evaluation: Seq2SeqEvaluation | None = None,
+    evaluation_callback: Callable[[], dict[str, float]] | None = None,
 ) -> TrainResult:
-    """The baseline the paper compares against: fine-tune every weight of the uncompressed BART."""
+    """The baseline the paper compares against: fine-tune every weight of the uncompressed BART.
+
+    Works for the seq2seq model and for ``BartForSequenceClassification`` (integer labels).
+    """
     model.to(args.device)
     _set_trainable(model, True)
     shapes = {name: list(p.shape) for name, p in model.named_parameters()}
+
+    def compute_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if batch["labels"].dim() == 1:  # a class per example: a sequence-classification model
+            return F.cross_entropy(model(**batch).logits.float(), batch["labels"], label_smoothing=args.label_smoothing)
+        return label_loss(target_logits(model, batch), batch["labels"], args.label_smoothing)
+
     result = fit(
         list(model.parameters()),
-        lambda batch: model(**batch).loss,
+        compute_loss,
         examples,
         Collator(model.config.pad_token_id),
         args,
         _saver(model, tokenizer),
         {"stage": "full", "trainable_parameters": sorted(shapes)},
-        (lambda: evaluate_generation(model, evaluation)) if evaluation is not None else None,
+        evaluation_callback or _generation_scorer(model, evaluation),
         description="full model",
     )
     model.eval()
