@@ -14,6 +14,7 @@ from benchmarks.models import decoder_step_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
+QUALITY_START, QUALITY_END = "<!-- quality:start -->", "<!-- quality:end -->"
 LATENCY_FILES = (
     "latency-greedy.json",
     "latency-beam.json",
@@ -260,16 +261,55 @@ def section(results: Path) -> str:
     return "\n".join(parts) if parts else "No benchmark results yet: run `cbart bench`.\n"
 
 
+def headline(results: Path) -> str:
+    """The README's first screen: what quality the compressed models lose and what speed they gain."""
+    path = results / "quality.json"
+    if not path.is_file():
+        return "No trained-model results yet: run `python -m benchmarks.quality --work DIR`.\n"
+    data = json.loads(path.read_text())
+    rows = {row["model"]: row for row in data["translation"]}
+    base = rows["base"]
+    lines = [
+        "| Multi30k En→De (test 2016) | decoder params | BLEU, beam 4 [95% CI] | Δ BLEU vs base [paired 95% CI] "
+        "| decode ms/token fp32 / int8 | speed-up fp32 | training step, s | RAM a training step adds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        delta = row.get("beam_delta")
+        lines.append(
+            f"| {name} | {row['decoder_parameters'] / 1e6:.1f}M | {row['beam']['value']:.1f} "
+            f"[{row['beam']['low']:.1f}, {row['beam']['high']:.1f}] | "
+            + (f"{delta['value']:+.1f} [{delta['low']:+.1f}, {delta['high']:+.1f}]" if delta else "—")
+            + f" | {row['ms_fp32']['median']:.2f} / {row['ms_int8']['median']:.2f} | "
+            f"{base['ms_fp32']['median'] / row['ms_fp32']['median']:.2f}x | {row['finetune']['step_seconds']:.2f} | "
+            f"{row['finetune']['training_rss_mib']:.0f} MiB |"
+        )
+    classification = {row["model"]: row for row in data.get("classification", [])}
+    text = "\n".join(lines) + "\n"
+    if len(classification) == 2:
+        (_, base_row), (name, row) = classification.items()
+        text += (
+            f"\nAG News topic classification (1,600 held-out texts): base {base_row['accuracy']['value']:.1f}% vs "
+            f"{name} {row['accuracy']['value']:.1f}% accuracy (Δ {row['delta']['value']:+.1f} "
+            f"[{row['delta']['low']:+.1f}, {row['delta']['high']:+.1f}]).\n"
+        )
+    return text + "\n![quality vs decode latency](benchmarks/results/quality.png)\n"
+
+
+def replace_region(text: str, start: str, end: str, body: str) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md lacks the {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def main() -> int:
     readme = ROOT / "README.md"
-    text = readme.read_text()
-    if START not in text or END not in text:
-        print(f"README.md lacks the {START} ... {END} markers", file=sys.stderr)
-        return 1
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{section(ROOT / 'benchmarks' / 'results')}\n{END}{tail}")
-    print("README.md performance section regenerated")
+    results = ROOT / "benchmarks" / "results"
+    text = replace_region(readme.read_text(), START, END, section(results))
+    readme.write_text(replace_region(text, QUALITY_START, QUALITY_END, headline(results)))
+    print("README.md performance and quality sections regenerated")
     return 0
 
 

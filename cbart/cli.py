@@ -142,7 +142,7 @@ def cmd_import_original(args: argparse.Namespace) -> int:
     from compression import save_checkpoint
     from compression.importer import import_original_checkpoint
 
-    model = import_original_checkpoint(args.source, args.latent)
+    model = import_original_checkpoint(args.source, args.latent, args.trust_pickle)
     tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
     save_checkpoint(model, args.out, tokenizer)
     print(f"imported {args.source} (latent sizes {model.config.latent_sizes}) into {args.out}")
@@ -428,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the three projection sizes (--first --second --third of the original)",
     )
     importer.add_argument("--tokenizer", default=None, help="tokenizer to store with the model (e.g. bart-base's)")
+    importer.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="unpickle arbitrary Python objects in the release's .bin/.pth files; a crafted pickle runs code when "
+        "loaded, so use this only for files from a source you trust (by default only tensors are loaded)",
+    )
     importer.set_defaults(run=cmd_import_original)
 
     train_ae = commands.add_parser("train-ae", help="stage 1: train the autoencoder on frozen encoder outputs")

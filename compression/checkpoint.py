@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -143,6 +144,29 @@ def load_compressed_model(
     return model.eval()
 
 
+UNTRUSTED_PICKLE_FLAG = "--trust-pickle"
+
+
+def load_torch_file(path: str | Path, trust_pickle: bool = False) -> Any:
+    """``torch.load`` that unpickles tensors, containers and numbers only, unless the caller trusts the file.
+
+    A ``.bin``/``.pth``/``.pt`` file is a pickle: a crafted one runs arbitrary code when it is loaded
+    with ``weights_only=False``. Files from elsewhere (downloads, shared checkpoints) therefore load with
+    ``weights_only=True``, and one that needs more is refused with the flag that opts in.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} holds Python objects besides tensors, and unpickling them would run code from the file; "
+            f"if you trust where it came from, pass {UNTRUSTED_PICKLE_FLAG} (trust_pickle=True) to load it anyway "
+            f"({str(error).splitlines()[0]})"
+        ) from error
+    except Exception as error:  # truncated or corrupt files raise many types
+        raise CheckpointError(f"{path} could not be read ({error}); is the file complete?") from error
+
+
 def load_training_state(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / TRAINING_STATE
     if not path.is_file():
@@ -150,7 +174,4 @@ def load_training_state(directory: str | Path) -> dict[str, Any]:
             f"{directory} has no {TRAINING_STATE}, so training cannot resume from it; "
             "resume from a checkpoint written during training (OUT/checkpoint-*/ or OUT/last/)"
         )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise CheckpointError(f"{path} is corrupt: {error}") from error
+    return load_torch_file(path)

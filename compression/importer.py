@@ -17,24 +17,16 @@ import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import BartConfig
 
-from compression.checkpoint import CheckpointError
+from compression.checkpoint import CheckpointError, load_torch_file
 from compression.config import CompressedBartConfig
 from compression.modeling import CompressedBartForConditionalGeneration
 
 ORIGINAL_FILES = ("config.json", "pytorch_model.bin", "ae-checkpoint.pth")
 BATCHNORM_FIELDS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def _load_torch(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise CheckpointError(f"{path} could not be read ({error}); is the download complete?") from error
 
 
 def _group_modules(state: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
@@ -77,9 +69,13 @@ def autoencoder_encoder_state(
 
 
 def import_original_checkpoint(
-    source: str | Path, latent_sizes: Sequence[int] | None = None
+    source: str | Path, latent_sizes: Sequence[int] | None = None, trust_pickle: bool = False
 ) -> CompressedBartForConditionalGeneration:
-    """Build a cbart model from an original release directory (see module docstring)."""
+    """Build a cbart model from an original release directory (see module docstring).
+
+    The release's files are pickles; they load as tensors only unless ``trust_pickle`` (see
+    ``load_torch_file``).
+    """
     source = Path(source)
     missing = [name for name in ORIGINAL_FILES if not (source / name).is_file()]
     if missing:
@@ -87,9 +83,9 @@ def import_original_checkpoint(
             f"{source} is missing {', '.join(missing)}; an original compressed-BART checkpoint directory "
             f"holds {', '.join(ORIGINAL_FILES)}"
         )
-    weights: dict[str, torch.Tensor] = _load_torch(source / "pytorch_model.bin")
-    ae_payload = _load_torch(source / "ae-checkpoint.pth")
-    if not isinstance(ae_payload, dict) or "model" not in ae_payload:
+    weights: dict[str, torch.Tensor] = load_torch_file(source / "pytorch_model.bin", trust_pickle)
+    ae_payload = load_torch_file(source / "ae-checkpoint.pth", trust_pickle)
+    if not isinstance(ae_payload, dict) or not isinstance(ae_payload.get("model"), dict):
         raise CheckpointError(f"{source / 'ae-checkpoint.pth'} should hold {{'model': state_dict}}")
     try:
         base = BartConfig.from_dict(json.loads((source / "config.json").read_text()))

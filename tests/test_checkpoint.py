@@ -11,7 +11,7 @@ from conftest import random_batch, tiny_bart_config, tiny_compressed
 from transformers import BartForConditionalGeneration, T5Config
 
 from compression import CheckpointError, build_from_base, load_compressed_model, save_checkpoint
-from compression.checkpoint import atomic_directory
+from compression.checkpoint import TRAINING_STATE, atomic_directory, load_training_state
 from compression.importer import import_original_checkpoint
 
 
@@ -165,3 +165,33 @@ def test_import_original_errors(tmp_path: Path):
         import_original_checkpoint(tmp_path / "release", [28, 20])
     with pytest.raises(CheckpointError, match="should be \\(32, 28\\)"):
         import_original_checkpoint(tmp_path / "release", [28, 16])
+
+
+class _RunsCodeWhenUnpickled:
+    """What a crafted checkpoint does: unpickling calls ``Path.touch`` on a file of the attacker's choosing."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_that_would_run_code_is_refused_unless_trusted(tmp_path: Path):
+    write_original_release(tiny_compressed("paper"), tmp_path / "release")
+    marker = tmp_path / "code-ran"
+    torch.save({"model": _RunsCodeWhenUnpickled(marker)}, tmp_path / "release" / "ae-checkpoint.pth")
+    with pytest.raises(CheckpointError, match="unpickling them would run code .* pass --trust-pickle"):
+        import_original_checkpoint(tmp_path / "release")
+    assert not marker.exists()
+    with pytest.raises(CheckpointError):  # trusted: it loads (and runs), then fails as not a state dict
+        import_original_checkpoint(tmp_path / "release", trust_pickle=True)
+    assert marker.exists()
+
+    marker.unlink()
+    state = tmp_path / "resume"
+    state.mkdir()
+    torch.save({"step": 1, "optimizer": _RunsCodeWhenUnpickled(marker)}, state / TRAINING_STATE)
+    with pytest.raises(CheckpointError, match="unpickling them would run code"):
+        load_training_state(state)
+    assert not marker.exists()
