@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from runtime.manifest import GraphSpec
 
@@ -28,8 +28,31 @@ class EngineLimits:
         for name in ("max_batch", "max_source_length", "max_new_tokens", "beams"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.opt_batch > self.max_batch or self.opt_source_length > self.max_source_length:
-            raise ValueError("opt values must not exceed the max values")
+        for opt, high in (
+            ("opt_batch", "max_batch"),
+            ("opt_source_length", "max_source_length"),
+            ("opt_new_tokens", "max_new_tokens"),
+        ):
+            if getattr(self, opt) > getattr(self, high):
+                flag, limit = opt.replace("_", "-"), high.replace("_", "-")
+                raise ValueError(
+                    f"--{flag} {getattr(self, opt)} exceeds --{limit} {getattr(self, high)}; "
+                    f"raise --{limit} or lower --{flag}"
+                )
+
+    def within_model(self, max_source_positions: int) -> EngineLimits:
+        """The limits with the source length clamped to what the model can read.
+
+        A profile longer than the model's source positions (or the ``paper`` autoencoder's per-position
+        BatchNorm) cannot build: TensorRT reports a shape-constraint failure deep in the build.
+        """
+        if self.max_source_length <= max_source_positions:
+            return self
+        return replace(
+            self,
+            max_source_length=max_source_positions,
+            opt_source_length=min(self.opt_source_length, max_source_positions),
+        )
 
     def ranges(self) -> dict[str, tuple[int, int, int]]:
         """min/opt/max for every symbolic dimension name used in the manifest."""

@@ -327,6 +327,14 @@ def export_onnx(
     return ExportResult(out, result["manifest"], result["report"], result["fused"])
 
 
+def source_positions(config: Any) -> int:
+    """The longest source the model reads: its position table, or the ``paper`` autoencoder's BatchNorm size."""
+    positions = int(config.max_position_embeddings)
+    if getattr(config, "autoencoder_variant", None) == "paper":
+        positions = min(positions, int(config.autoencoder_max_positions))
+    return positions
+
+
 def export_tensorrt(
     checkpoint: str | Path,
     out: str | Path,
@@ -354,6 +362,11 @@ def export_tensorrt(
             "--lm-head-screen on uses ONNX Runtime's MatMulNBits contrib op, which TensorRT's ONNX parser cannot "
             "read; use --lm-head-screen auto (or off) with --to trt"
         )
+    if options.optimize:
+        raise ExportError(
+            "--optimize applies ONNX Runtime's transformer fusions (com.microsoft ops), which TensorRT's ONNX parser "
+            "cannot read; drop --optimize with --to trt (TensorRT fuses the graph itself when it builds engines)"
+        )
     try:
         require_tensorrt()
     except TensorRTUnavailable as error:
@@ -362,6 +375,14 @@ def export_tensorrt(
     from exporter.tensorrt_build import build_engine, engine_metadata
 
     model = load_model(checkpoint)
+    positions = source_positions(model.config)
+    clamped = limits.within_model(positions)
+    if clamped is not limits:
+        log(
+            f"--max-source-length {limits.max_source_length} exceeds the model's {positions} source positions: "
+            f"the engines' profiles stop at {positions}"
+        )
+        limits = clamped
     _check_free_space(out, model, options, engines=True)
     result: dict[str, Any] = {}
 

@@ -11,7 +11,26 @@ from types import ModuleType
 
 
 class TensorRTUnavailable(RuntimeError):
-    """TensorRT (or a CUDA GPU) is missing."""
+    """TensorRT (or a CUDA GPU) is missing, or the installed TensorRT is a version cbart does not support."""
+
+
+# 10.1 added ``set_device_memory(memory, size)`` (the CUDA-graph path); 11 dropped the weakly-typed
+# precision API (``BuilderFlag.FP16``, ``ILayer.precision``) that --fp16/--bf16 engines use.
+SUPPORTED_TENSORRT = ((10, 1), (11, 0))
+
+
+def check_tensorrt_version(version: str) -> None:
+    """Refuse a TensorRT outside ``SUPPORTED_TENSORRT`` with the pip command that installs a supported one."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError as error:
+        raise TensorRTUnavailable(f"cannot read the TensorRT version {version!r}") from error
+    low, high = SUPPORTED_TENSORRT
+    if not low <= (major, minor) < high:
+        raise TensorRTUnavailable(
+            f"TensorRT {version} is installed, but cbart supports TensorRT >= {low[0]}.{low[1]}, < {high[0]}; "
+            f"install a supported one with pip install 'tensorrt>={low[0]}.{low[1]},<{high[0]}'"
+        )
 
 
 def import_tensorrt() -> ModuleType:
@@ -26,6 +45,7 @@ def import_tensorrt() -> ModuleType:
             "the installed `tensorrt` package has no runtime (only type stubs?): install it with "
             "pip install 'cbart[trt]' on a machine with an NVIDIA GPU"
         )
+    check_tensorrt_version(tensorrt.__version__)
     return tensorrt
 
 

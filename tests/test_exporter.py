@@ -252,6 +252,8 @@ def test_tensorrt_without_tensorrt_fails_at_once_and_writes_nothing(checkpoint: 
         export_tensorrt(checkpoint, tmp_path / "trt", EngineLimits(), options(), log=quiet)
     with pytest.raises(ExportError, match="TensorRT's ONNX parser cannot read; use --attention plain"):
         export_tensorrt(checkpoint, tmp_path / "trt", EngineLimits(), options(attention="fused"), log=quiet)
+    with pytest.raises(ExportError, match="--optimize applies ONNX Runtime's .* drop --optimize with --to trt"):
+        export_tensorrt(checkpoint, tmp_path / "trt", EngineLimits(), options(optimize=True), log=quiet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert main(["export", str(checkpoint), "--to", "trt", "--out", str(tmp_path / "trt2")]) == 2
     assert not (tmp_path / "trt2").exists()
@@ -355,3 +357,28 @@ def test_cli_generate_text_and_jsonl_with_the_real_tokenizer(tmp_path: Path, bar
     ids = bart_tokenizer(["Hello world"], return_tensors="pt")
     reference = model.generate(**ids, max_new_tokens=4, num_beams=2)
     assert runtime.generate(["Hello world"], max_new_tokens=4, num_beams=2).sequences == reference.tolist()
+
+
+def test_engine_limits_are_checked_and_clamped_to_the_models_source_positions() -> None:
+    from exporter.engine_profiles import EngineLimits
+    from exporter.export import source_positions
+
+    with pytest.raises(ValueError, match="--opt-new-tokens 80 exceeds --max-new-tokens 64; raise --max-new-tokens"):
+        EngineLimits(max_new_tokens=64, opt_new_tokens=80)
+    limits = EngineLimits(max_source_length=1024, opt_source_length=512)
+    clamped = limits.within_model(40)
+    assert (clamped.max_source_length, clamped.opt_source_length) == (40, 40)
+    assert clamped.ranges()["source_length"] == (1, 40, 40)
+    assert limits.within_model(2048) is limits
+    paper = tiny_compressed("paper").config
+    assert source_positions(paper) == min(paper.max_position_embeddings, paper.autoencoder_max_positions)
+    assert source_positions(tiny_bart_config(positions=40)) == 40
+
+
+@pytest.mark.parametrize("version", ["10.0.1", "11.0.0.1", "9.3"])
+def test_an_unsupported_tensorrt_version_is_refused_with_the_install_command(version: str) -> None:
+    from runtime.trt_support import TensorRTUnavailable, check_tensorrt_version
+
+    with pytest.raises(TensorRTUnavailable, match=f"TensorRT {version} is installed.*pip install 'tensorrt>=10.1,<11'"):
+        check_tensorrt_version(version)
+    check_tensorrt_version("10.13.0.35")
