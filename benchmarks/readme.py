@@ -286,6 +286,13 @@ def headline(results: Path) -> str:
         )
     classification = {row["model"]: row for row in data.get("classification", [])}
     text = "\n".join(lines) + "\n"
+    for name, row in rows.items():
+        gain = row.get("beam_delta_vs_undistilled")
+        if gain:
+            text += (
+                f"\n{name} vs the same model trained without the teacher: {gain['value']:+.1f} BLEU "
+                f"[paired 95% CI {gain['low']:+.1f}, {gain['high']:+.1f}].\n"
+            )
     if len(classification) == 2:
         (_, base_row), (name, row) = classification.items()
         text += (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -68,7 +69,10 @@ def measure_in_subprocess(checkpoint: Path, mode: str, threads: int) -> dict[str
         "--threads",
         str(threads),
     ]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    # Without the benchmark's tcmalloc: it keeps freed pages, so the peak RSS would count its cache, not the
+    # memory the step needs.
+    environment = {name: value for name, value in os.environ.items() if name != "LD_PRELOAD"}
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 

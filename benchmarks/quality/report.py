@@ -11,7 +11,8 @@ from benchmarks.plotting import pyplot
 def translation_table(rows: list[dict[str, Any]]) -> str:
     header = (
         "| model | decoder params | test BLEU beam 4 [95% CI] | Δ vs base [paired 95% CI] | test BLEU greedy "
-        "| decode ms/token fp32 | int8 | stage-2 step s | training RSS MiB |"
+        "| decode ms/token fp32 | int8 | training step s (base: full; others: stage 2) "
+        "| RAM a training step adds, MiB |"
     )
     lines = [header, "|" + "---|" * 9]
     for row in rows:

@@ -117,9 +117,14 @@ def evaluate_translation(
                 row[f"{search}_delta"] = stats.paired_bootstrap(
                     statistics[name][search], statistics["base"][search], stats.bleu_from_statistics
                 ).as_dict()
+        plain = name.removesuffix("-distilled")
+        if plain != name and plain in statistics:  # distilled vs the same model trained without the teacher
+            row["beam_delta_vs_undistilled"] = stats.paired_bootstrap(
+                statistics[name]["beam"], statistics[plain]["beam"], stats.bleu_from_statistics
+            ).as_dict()
         rows.append(row)
     print("[evaluate] decode ms/token, all models interleaved", flush=True)
-    probes = [example.input_ids for example in data.test[:5]]
+    probes = [example.input_ids for example in data.test[:8]]
     timed = evaluation.decode_ms_per_token(
         {**{f"{n}|fp32": r for n, r in fp32.items()}, **{f"{n}|int8": r for n, r in int8.items()}}, probes
     )
@@ -129,7 +134,7 @@ def evaluate_translation(
         row["ms_int8"] = timed[f"{row['model']}|int8"]
         mode = "full" if row["model"] == "base" else "stage2"
         row["finetune"] = evaluation_finetune(work / row["model"], mode, threads)
-    return rows, {"probes": len(probes), "rounds": 3}
+    return rows, {"probes": len(probes), "rounds": evaluation.ROUNDS}
 
 
 def evaluation_finetune(checkpoint: Path, mode: str, threads: int) -> dict[str, Any]:

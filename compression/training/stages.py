@@ -7,8 +7,9 @@ frozen by default -- which is where the paper's fine-tuning memory saving comes 
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,16 +191,30 @@ class Seq2SeqEvaluation:
     generation: dict[str, Any] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside, and afterwards every submodule back in *its own* mode.
+
+    ``model.train()`` would put the frozen encoder and compressor back in training mode too, which
+    changes them (dropout; the ``paper`` autoencoder's BatchNorm then demands full-length inputs).
+    """
+    modes = {name: module.training for name, module in model.named_modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for name, module in model.named_modules():
+            module.train(modes[name])
+
+
 def evaluate_generation(model: PreTrainedModel, evaluation: Seq2SeqEvaluation) -> dict[str, float]:
     """Generate for every held-out example and score it with ``evaluation.metric``."""
     if evaluation.metric not in TEXT_METRICS:
         raise ValueError(f"unknown metric {evaluation.metric!r}; choose from {sorted(TEXT_METRICS)}")
-    modes = {name: module.training for name, module in model.named_modules()}
-    model.eval()
     collate = Collator(model.config.pad_token_id)
     predictions: list[Any] = []
     device = next(model.parameters()).device
-    with torch.no_grad():
+    with evaluation_mode(model), torch.no_grad():
         for start in range(0, len(evaluation.examples), evaluation.batch_size):
             batch = collate(evaluation.examples[start : start + evaluation.batch_size])
             generated = model.generate(
@@ -208,8 +223,6 @@ def evaluate_generation(model: PreTrainedModel, evaluation: Seq2SeqEvaluation) -
                 **evaluation.generation,
             )
             predictions.extend(evaluation.decode(generated.tolist()))
-    for name, module in model.named_modules():
-        module.train(modes[name])
     return TEXT_METRICS[evaluation.metric](predictions, list(evaluation.references))
 
 
@@ -351,20 +364,16 @@ def train_classifier(
 def classification_accuracy(
     model: CompressedBartForSequenceClassification, examples: Sequence[Example], batch_size: int = 16
 ) -> dict[str, float]:
-    modes = {name: module.training for name, module in model.named_modules()}
-    model.eval()
     collate = Collator(model.config.pad_token_id)
     device = next(model.parameters()).device
     predictions: list[int] = []
-    with torch.no_grad():
+    with evaluation_mode(model), torch.no_grad():
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start : start + batch_size])
             logits = model(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
             ).logits
             predictions.extend(logits.argmax(-1).tolist())
-    for name, module in model.named_modules():
-        module.train(modes[name])
     return accuracy(predictions, [int(example.labels) for example in examples])  # type: ignore[arg-type]
 
 
