@@ -89,22 +89,14 @@ def train_compressed_classifier(
 
 def predict(checkpoint: Path, data: ClassificationData, compressed: bool) -> list[int]:
     """Test-set predictions of a trained classifier (PyTorch; classification has no export path yet)."""
-    import torch
     from transformers import BartForSequenceClassification
 
     from compression import load_compressed_model
-    from compression.data import Collator
+    from compression.training.stages import classify
 
     model = (
         load_compressed_model(checkpoint, "classification")
         if compressed
         else BartForSequenceClassification.from_pretrained(checkpoint)
-    ).eval()
-    collate = Collator(model.config.pad_token_id)
-    predictions: list[int] = []
-    with torch.no_grad():
-        for start in range(0, len(data.test), 64):
-            batch = collate(data.test[start : start + 64])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            predictions += logits.argmax(-1).tolist()
-    return predictions
+    )
+    return classify(model, data.test, batch_size=64)

@@ -29,6 +29,7 @@ from typing import Any
 
 from benchmarks.quality import classification, evaluation, report, stats, translation
 from benchmarks.quality.data import ROOT, SHARED, TranslationData, load_ag_news, load_multi30k, save_vocabulary
+from benchmarks.quality.finetune_cost import measure_in_subprocess
 
 RECIPE_FILE = "recipe.json"
 EPOCH_FIELDS = ("base_epochs", "decoder_epochs", "autoencoder_epochs")
@@ -133,14 +134,8 @@ def evaluate_translation(
         row["ms_fp32"] = timed[f"{row['model']}|fp32"]
         row["ms_int8"] = timed[f"{row['model']}|int8"]
         mode = "full" if row["model"] == "base" else "stage2"
-        row["finetune"] = evaluation_finetune(work / row["model"], mode, threads)
+        row["finetune"] = measure_in_subprocess(work / row["model"], mode, threads)
     return rows, {"probes": len(probes), "rounds": evaluation.ROUNDS}
-
-
-def evaluation_finetune(checkpoint: Path, mode: str, threads: int) -> dict[str, Any]:
-    from benchmarks.quality.finetune_cost import measure_in_subprocess
-
-    return measure_in_subprocess(checkpoint, mode, threads)
 
 
 def run_classification(

@@ -361,9 +361,8 @@ def train_classifier(
     )
 
 
-def classification_accuracy(
-    model: CompressedBartForSequenceClassification, examples: Sequence[Example], batch_size: int = 16
-) -> dict[str, float]:
+def classify(model: PreTrainedModel, examples: Sequence[Example], batch_size: int = 16) -> list[int]:
+    """The predicted class of every example (any sequence-classification model, compressed or not)."""
     collate = Collator(model.config.pad_token_id)
     device = next(model.parameters()).device
     predictions: list[int] = []
@@ -374,6 +373,13 @@ def classification_accuracy(
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
             ).logits
             predictions.extend(logits.argmax(-1).tolist())
+    return predictions
+
+
+def classification_accuracy(
+    model: CompressedBartForSequenceClassification, examples: Sequence[Example], batch_size: int = 16
+) -> dict[str, float]:
+    predictions = classify(model, examples, batch_size)
     return accuracy(predictions, [int(example.labels) for example in examples])  # type: ignore[arg-type]
 
 
