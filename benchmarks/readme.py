@@ -224,6 +224,47 @@ def quality_section(data: dict) -> str:
     )
 
 
+def speculative_section(data: dict) -> str:
+    """``python -m benchmarks.speculative``: speed-up at identical output, acceptance, where the time goes."""
+    machine = data["machine"]
+    parts = [
+        f"#### `{data['command']}` ({data['date']}, {data['minutes']} minutes; {machine['cpu']}, flags "
+        f"{', '.join(machine['flags']) or 'none'}; {data['threads']} thread(s), batch 1, greedy)\n"
+    ]
+    captions = {
+        "trained": f"Trained Multi30k pair, {data['trained']['sentences']} test sentences, "
+        f"{data['trained']['rounds']} interleaved rounds:",
+        "random": "Random bart-base shapes (acceptance ~0: what adaptive drafting costs), "
+        f"{data.get('random', {}).get('new_tokens')} forced new tokens:",
+    }
+    for key, caption in captions.items():
+        if key not in data:
+            continue
+        lines = [
+            caption,
+            "",
+            "| system | identical to full fp32 | acceptance | tokens per full call | draft share of decode "
+            "| decode ms/token [min, max] | decode speed-up | end-to-end speed-up |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in data[key]["rows"]:
+            ms = row["decode_ms_per_token"]
+            spec = "acceptance_rate" in row
+            lines.append(
+                f"| {row['system']} | {row['identical_to_full']}/{row['sentences']} | "
+                + (
+                    f"{100 * row['acceptance_rate']:.0f}% | {row['tokens_per_full_call']:.2f} | "
+                    f"{100 * row['draft_share_of_decode']:.0f}% | "
+                    if spec
+                    else "— | 1.00 | — | "
+                )
+                + f"{ms['median']:.2f} [{ms['min']:.2f}, {ms['max']:.2f}] | {row['decode_speedup']:.2f}x | "
+                f"{row['end_to_end_speedup']:.2f}x |"
+            )
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
 def section(results: Path) -> str:
     parts = ["#### Targets (ratios measured in the same run)\n", targets(results), ""]
     for name in LATENCY_FILES:
@@ -250,6 +291,9 @@ def section(results: Path) -> str:
     quality = results / "quality.json"
     if quality.is_file():
         parts.append(quality_section(json.loads(quality.read_text())))
+    speculative = results / "speculative.json"
+    if speculative.is_file():
+        parts.append(speculative_section(json.loads(speculative.read_text())))
     smoke = results / "cnn-dailymail-smoke.json"
     if smoke.is_file():
         data = json.loads(smoke.read_text())
@@ -287,10 +331,10 @@ def headline(results: Path) -> str:
     classification = {row["model"]: row for row in data.get("classification", [])}
     text = "\n".join(lines) + "\n"
     for name, row in rows.items():
-        gain = row.get("beam_delta_vs_undistilled")
+        gain = row.get("beam_delta_vs_plain")
         if gain:
             text += (
-                f"\n{name} vs the same model trained without the teacher: {gain['value']:+.1f} BLEU "
+                f"\n{name} vs the same size trained with the paper's loss alone: {gain['value']:+.1f} BLEU "
                 f"[paired 95% CI {gain['low']:+.1f}, {gain['high']:+.1f}].\n"
             )
     if len(classification) == 2:

@@ -284,10 +284,20 @@ def cmd_export(args: argparse.Namespace) -> int:
             fp16=args.fp16,
             bf16=args.bf16,
         )
+        if args.draft is not None:
+            raise ValueError("--draft (speculative pairs) writes ONNX exports only; drop --to trt or --draft")
         result = export_tensorrt(args.checkpoint, args.out, limits, options)
+    elif args.draft is not None:
+        from exporter.pair import export_pair
+
+        if args.quantize:
+            raise ValueError("--quantize would change the full model's output; with --draft use --draft-quantize int8")
+        result = export_pair(args.checkpoint, args.draft, args.out, options, args.draft_quantize)
     else:
         if args.fp16 or args.bf16:
             raise ValueError("--fp16/--bf16 are TensorRT build flags; for ONNX use --dtype fp16")
+        if args.draft_quantize:
+            raise ValueError("--draft-quantize applies to the draft of a speculative pair; add --draft DRAFT_CKPT")
         result = export_onnx(args.checkpoint, args.out, options)
     _print_export_report(result)
     return 0
@@ -302,10 +312,17 @@ def _print_export_report(result: Any) -> None:
             f"  greedy ids identical to PyTorch: {verification['greedy_identical']}, "
             f"token agreement {100 * verification['token_agreement']:.1f}%"
         )
+    if "speculative_identical" in verification:
+        print(
+            f"  speculative greedy identical to PyTorch: {verification['speculative_identical']}, "
+            f"draft acceptance {100 * verification['draft_acceptance']:.1f}%"
+        )
     for graph, counts in result.fused.items():
         fused = ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())) or "nothing"
         print(f"  fused in {graph}: {fused}")
-    print(f"wrote {result.manifest.backend} export ({result.manifest.precision}) to {result.directory}")
+    draft = result.manifest.draft
+    pair = f" with a {draft.precision} draft in {draft.directory}/" if draft else ""
+    print(f"wrote {result.manifest.backend} export ({result.manifest.precision}){pair} to {result.directory}")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -360,12 +377,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "temperature": args.temperature,
         "seed": args.seed,
     }
+    if args.speculative is not None:
+        settings["speculative"] = True if args.speculative == 0 else args.speculative
     if args.input is None:
         if args.text is None:
             raise ValueError("give a TEXT argument or --input FILE.jsonl")
         output = runtime.generate(args.text, **settings)
         print(output.texts[0] if output.texts else output.sequences[0])
         _print_timing(args, output.timings)
+        if args.timing and output.speculation is not None:
+            stats = output.speculation.to_dict()
+            print(" ".join(f"{key}={value}" for key, value in stats.items()), file=sys.stderr)
         return 0
     rows = [json.loads(line) for line in Path(args.input).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
@@ -498,6 +520,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--optimize", action="store_true", help="ONNX Runtime transformer fusions")
     export.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX precision")
     export.add_argument("--quantize", choices=("int8",), default=None, help="dynamic int8 for CPU")
+    export.add_argument(
+        "--draft",
+        default=None,
+        help="a compressed checkpoint sharing CHECKPOINT's encoder: export the pair for speculative decoding "
+        "(generate --speculative gives CHECKPOINT's greedy output, verified token for token)",
+    )
+    export.add_argument(
+        "--draft-quantize", choices=("int8",), default=None, help="dynamic int8 for the draft only (output unchanged)"
+    )
     export.add_argument("--no-verify", action="store_true", help="skip the parity checks against PyTorch")
     export.add_argument("--with-torch", action="store_true", help="also write TorchScript graphs (backend='torch')")
     export.add_argument(
@@ -550,6 +581,16 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         generate.add_argument(flag, type=kind, default=None)
     generate.add_argument("--do-sample", action="store_true")
+    generate.add_argument(
+        "--speculative",
+        type=int,
+        nargs="?",
+        const=0,
+        default=None,
+        metavar="K",
+        help="a pair export (export --draft): the draft proposes, the full model verifies; same output as greedy. "
+        "K fixes the proposals per verification (default: adaptive)",
+    )
     generate.set_defaults(run=cmd_generate)
 
     # `cbart bench ...` is forwarded to benchmarks.latency before parsing (see main); listed here for --help.

@@ -82,3 +82,27 @@ def build_from_base(
     with torch.no_grad():
         model.final_logits_bias.copy_(base_model.final_logits_bias)
     return model
+
+
+def base_encoder(model: PreTrainedModel) -> torch.nn.Module:
+    """The full-width BART encoder inside a plain or a compressed model (before any autoencoder)."""
+    if isinstance(model, CompressedBartForConditionalGeneration):
+        return model.model.encoder.base
+    return model.get_encoder()
+
+
+def encoder_mismatch(reference: PreTrainedModel, other: PreTrainedModel) -> str | None:
+    """Why ``other`` cannot reuse ``reference``'s encoder pass: the first differing weight, or None.
+
+    A compressed model trained with a frozen encoder carries an exact copy of its base's encoder,
+    so a teacher (distillation) or a verifier (speculative decoding) can share one encoder pass with it.
+    """
+    mine = base_encoder(other).state_dict()
+    theirs = base_encoder(reference).state_dict()
+    if mine.keys() != theirs.keys():
+        missing = sorted(mine.keys() ^ theirs.keys())
+        return f"the encoders have different weights ({missing[0]!r} is only in one of them)"
+    for name, tensor in theirs.items():
+        if mine[name].shape != tensor.shape or not torch.equal(mine[name].cpu(), tensor.cpu()):
+            return f"encoder weight {name!r} differs"
+    return None

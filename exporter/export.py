@@ -206,7 +206,7 @@ def _copy_tokenizer(checkpoint: str | Path, tokenizer: str | None, destination: 
     return (destination / "tokenizer.json").is_file()
 
 
-def _write_onnx(
+def write_onnx(
     model: BartForConditionalGeneration,
     checkpoint: str | Path,
     tmp: Path,
@@ -214,16 +214,21 @@ def _write_onnx(
     log: Callable[..., None],
     fused_attention: bool,
     screen_lm_head: bool,
+    draft: bool = False,
 ) -> tuple[Manifest, dict[str, dict[str, int]]]:
-    """Export, optimise/convert/quantise the graphs into ``tmp`` and write their manifest."""
+    """Export, optimise/convert/quantise the graphs into ``tmp`` and write their manifest.
+
+    ``draft``: a speculative pair's draft -- no encoder graph and no tokenizer (the pair shares the full model's).
+    """
     graphs = {}
     torch_graphs: dict[str, str] = {}
     fused: dict[str, dict[str, int]] = {}
     dims = model_dims(model)
+    definitions = graph_definitions(model, options.fuse_encoder, fused_attention)
+    if draft:
+        definitions = [definition for definition in definitions if definition.name != "encoder"]
     for definition in tqdm(
-        graph_definitions(model, options.fuse_encoder, fused_attention),
-        desc="exporting graphs",
-        disable=not options.progress,
+        definitions, desc="exporting draft graphs" if draft else "exporting graphs", disable=not options.progress
     ):
         graphs[definition.name] = export_graph(definition, tmp, options.opset)
         if options.with_torch:
@@ -244,7 +249,7 @@ def _write_onnx(
             spec.inputs.append(TensorSpec(SWITCH, "bool", []))
             for name in (HIDDEN, RESIDUAL):
                 spec.outputs.append(TensorSpec(name, "float32", ["decoder_batch", "target_length", dims.latent_width]))
-    has_tokenizer = _copy_tokenizer(checkpoint, options.tokenizer, tmp / "tokenizer")
+    has_tokenizer = not draft and _copy_tokenizer(checkpoint, options.tokenizer, tmp / "tokenizer")
     if not has_tokenizer:
         shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
     manifest = Manifest(
@@ -262,16 +267,16 @@ def _write_onnx(
             {"rows": ROWS_FILE, "bounds": BOUNDS_FILE, "bits": BITS, "block_size": BLOCK_SIZE} if screen_lm_head else {}
         ),
     )
-    _write_manifest(tmp, manifest)
+    write_manifest(tmp, manifest)
     return manifest, fused
 
 
-def _write_manifest(directory: Path, manifest: Manifest) -> None:
+def write_manifest(directory: Path, manifest: Manifest) -> None:
     manifest.files = file_entries(directory)
     (directory / MANIFEST).write_text(manifest.to_json())
 
 
-def _verify(
+def verify_export(
     model: BartForConditionalGeneration,
     directory: Path,
     manifest: Manifest,
@@ -287,16 +292,16 @@ def _verify(
     if not report.passed:
         raise ExportError("export verification failed, nothing was written:\n  " + "\n  ".join(report.failures()))
     manifest.verification = report.summary()
-    _write_manifest(directory, manifest)
+    write_manifest(directory, manifest)
     return report
 
 
-def _check_destination(out: Path, options: ExportOptions) -> None:
+def check_destination(out: Path, options: ExportOptions) -> None:
     if out.exists() and not options.overwrite:
         raise ExportError(f"{out} already exists; choose another --out or pass --overwrite")
 
 
-def _check_free_space(out: Path, model: torch.nn.Module, options: ExportOptions, engines: bool) -> None:
+def check_free_space(out: Path, model: torch.nn.Module, options: ExportOptions, engines: bool) -> None:
     """Fail before writing when the disk cannot hold the export (see ``exporter.disk_space``)."""
     parameter_bytes = sum(p.numel() * 4 for p in model.parameters())
     need = export_need(parameter_bytes, options.quantize == "int8", options.with_torch, engines)
@@ -311,16 +316,16 @@ def export_onnx(
     """Export, optimise/convert/quantise, verify and write ``out`` atomically."""
     options = options or ExportOptions()
     out = Path(out)
-    _check_destination(out, options)
+    check_destination(out, options)
     model = load_model(checkpoint)
-    _check_free_space(out, model, options, engines=False)
+    check_free_space(out, model, options, engines=False)
     result: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
-        manifest, fused = _write_onnx(
+        manifest, fused = write_onnx(
             model, checkpoint, tmp, options, log, options.attention != "plain", options.screens_lm_head
         )
-        report = _verify(model, tmp, manifest, options, log) if options.verify else None
+        report = verify_export(model, tmp, manifest, options, log) if options.verify else None
         result.update(manifest=manifest, report=report, fused=fused)
 
     atomic_directory(out, write)
@@ -371,7 +376,7 @@ def export_tensorrt(
         require_tensorrt()
     except TensorRTUnavailable as error:
         raise ExportError(f"cannot build TensorRT engines: {error}. Nothing was written.") from error
-    _check_destination(out, options)
+    check_destination(out, options)
     from exporter.tensorrt_build import build_engine, engine_metadata
 
     model = load_model(checkpoint)
@@ -383,14 +388,14 @@ def export_tensorrt(
             f"the engines' profiles stop at {positions}"
         )
         limits = clamped
-    _check_free_space(out, model, options, engines=True)
+    check_free_space(out, model, options, engines=True)
     result: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
         staging = tmp / "onnx"
         staging.mkdir()
-        manifest, _ = _write_onnx(model, checkpoint, staging, options, log, fused_attention=False, screen_lm_head=False)
-        report = _verify(model, staging, manifest, options, log) if options.verify else None
+        manifest, _ = write_onnx(model, checkpoint, staging, options, log, fused_attention=False, screen_lm_head=False)
+        report = verify_export(model, staging, manifest, options, log) if options.verify else None
         timing_cache = Path(options.timing_cache) if options.timing_cache else tmp / "timing.cache"
         for name, spec in tqdm(manifest.graphs.items(), desc="building TensorRT engines", disable=not options.progress):
             engine = tmp / f"{name}.plan"
@@ -402,7 +407,7 @@ def export_tensorrt(
         manifest.backend = "tensorrt"
         manifest.precision = "fp16" if limits.fp16 else "bf16" if limits.bf16 else "fp32"
         manifest.engine = engine_metadata(limits)
-        _write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest)
         result.update(manifest=manifest, report=report)
 
     atomic_directory(out, write)

@@ -150,7 +150,10 @@ def add_screened_lm_head(path: Path, logits: str = "logits") -> None:
             numpy_helper.from_array(np.array([-2], dtype=np.int64), "screen_axis"),
         ]
     )
-    position = list(graph.node).index(matmul)
+    # Where the Add was (less the MatMul before it): every value the head reads -- the hidden state, the
+    # weight, the bias, which the tracer may emit as a Constant node after the MatMul -- exists by then,
+    # so the graph stays topologically sorted (ONNX's checker requires it; ONNX Runtime does not).
+    position = list(graph.node).index(add) - 1
     for node in (matmul, add):
         graph.node.remove(node)
     switch = helper.make_node("If", [SWITCH], [logits], then_branch=then_branch, else_branch=else_branch)

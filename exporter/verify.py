@@ -62,6 +62,7 @@ class VerificationReport:
     greedy_cases: int = 0
     greedy_identical: int = 0
     token_agreement: float = 1.0
+    draft_acceptance: float | None = None
     passed: bool = True
 
     def failures(self) -> list[str]:
@@ -145,8 +146,9 @@ def compare_graphs(
         for ids, mask in source_batches(dims.vocab_size):
             case = f"batch {ids.shape[0]}, source length {ids.shape[1]}"
             states = encoder(torch.from_numpy(ids), torch.from_numpy(mask))
-            actual = sessions["encoder"].run(None, {"input_ids": ids, "attention_mask": mask})[0]
-            compare("encoder", manifest.graphs["encoder"].outputs[0].name, case, actual, states)
+            if "encoder" in sessions:  # a speculative pair's draft has none: it reads the full model's encoder
+                actual = sessions["encoder"].run(None, {"input_ids": ids, "attention_mask": mask})[0]
+                compare("encoder", manifest.graphs["encoder"].outputs[0].name, case, actual, states)
             if autoencoder is not None:
                 hidden = states
                 states = autoencoder(hidden)
@@ -197,11 +199,18 @@ def _compare_steps(session, step_graph, cross, mask, rows_per_source, manifest, 
 
 
 def compare_generation(
-    model: BartForConditionalGeneration, directory: Path, report: VerificationReport, threads: int | None = None
+    model: BartForConditionalGeneration,
+    directory: Path,
+    report: VerificationReport,
+    threads: int | None = None,
+    speculative: bool = False,
 ) -> None:
-    """Greedy through the export directory vs ``model.generate()``: identical ids and token agreement."""
+    """Greedy through the export directory vs ``model.generate()``: identical ids and token agreement.
+
+    ``speculative``: through a pair export's draft-and-verify loop; records the draft's acceptance rate.
+    """
     runtime = Seq2SeqRuntime.from_dir(directory, threads=threads, check_files=False)
-    agree = total = 0
+    agree = total = proposed = accepted = 0
     for ids, mask in source_batches(runtime.manifest.model.vocab_size, seed=1):
         with torch.no_grad():
             expected = model.generate(
@@ -212,7 +221,11 @@ def compare_generation(
                 max_new_tokens=GREEDY_NEW_TOKENS,
             ).tolist()
         sequences = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask, strict=True)]
-        actual = runtime.generate(sequences, num_beams=1, max_new_tokens=GREEDY_NEW_TOKENS).sequences
+        output = runtime.generate(sequences, num_beams=1, max_new_tokens=GREEDY_NEW_TOKENS, speculative=speculative)
+        if output.speculation is not None:
+            proposed += output.speculation.proposed
+            accepted += output.speculation.accepted
+        actual = output.sequences
         for got, want in zip(actual, expected, strict=True):
             report.greedy_cases += 1
             report.greedy_identical += int(got == want)
@@ -221,3 +234,5 @@ def compare_generation(
             agree += sum(a == b for a, b in zip(got, want, strict=True))
             total += width
     report.token_agreement = agree / max(total, 1)
+    if speculative:
+        report.draft_acceptance = accepted / max(proposed, 1)

@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends.base import Backend, EncodedBatch
+from runtime.backends.base import Backend, EncodedBatch, SharedEncoderBackend
 from runtime.manifest import Manifest, read_manifest
 from runtime.search import GenerationSettings, beam_search, greedy_or_sample
+from runtime.speculative import DraftLength, SpeculationStats, VerifyingSession, speculative_greedy
 from runtime.tokenizer import TextTokenizer
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
@@ -28,6 +29,7 @@ class GenerationOutput:
     sequences: list[list[int]]
     texts: list[str] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    speculation: SpeculationStats | None = None
 
 
 def load_backend(
@@ -59,11 +61,19 @@ class Seq2SeqRuntime:
     >>> runtime.generate("A long article ...", num_beams=4).texts        # doctest: +SKIP
     """
 
-    def __init__(self, directory: Path, manifest: Manifest, backend: Backend, tokenizer: TextTokenizer | None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        backend: Backend,
+        tokenizer: TextTokenizer | None,
+        draft: Backend | None = None,
+    ) -> None:
         self.directory = directory
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer
+        self.draft = draft
 
     @classmethod
     def from_dir(
@@ -88,7 +98,14 @@ class Seq2SeqRuntime:
         tokenizer_dir = directory / manifest.tokenizer_dir if manifest.tokenizer_dir else None
         tokenizer = TextTokenizer(tokenizer_dir) if tokenizer_dir and tokenizer_dir.is_dir() else None
         loaded = load_backend(directory, manifest, backend, device, threads, cuda_graphs)
-        return cls(directory, manifest, loaded, tokenizer)
+        draft = None
+        if manifest.draft is not None:
+            if backend == "tensorrt":
+                raise ValueError(f"{directory} is a speculative pair; load it with backend='onnxruntime' or 'torch'")
+            draft_dir = directory / manifest.draft.directory
+            draft_manifest = read_manifest(draft_dir, check_files=check_files)
+            draft = load_backend(draft_dir, draft_manifest, backend, device, threads)
+        return cls(directory, manifest, loaded, tokenizer, draft)
 
     # ----------------------------------------------------------------------------------- inputs
     def _to_ids(self, inputs: Inputs) -> tuple[list[list[int]], bool]:
@@ -140,7 +157,18 @@ class Seq2SeqRuntime:
         """Run the encoder side once; pass the result to ``generate(encoded=...)`` as often as needed."""
         sequences, _ = self._to_ids(inputs)
         input_ids, mask = self._pad(sequences, truncation)
-        return self.backend.encode(input_ids, mask)
+        return self._encode(input_ids, mask, with_draft=self.draft is not None)
+
+    def _encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, with_draft: bool) -> EncodedBatch:
+        """One encoder pass; with ``with_draft``, a speculative pair's draft reads the same encoder output."""
+        if not with_draft:
+            return self.backend.encode(input_ids, attention_mask)
+        full, draft = self.backend, self.draft
+        assert isinstance(full, SharedEncoderBackend) and isinstance(draft, SharedEncoderBackend)
+        states = full.encoder_states(input_ids, attention_mask)
+        encoded = full.encode_states(states, input_ids, attention_mask)
+        encoded.draft = draft.encode_states(states, input_ids, attention_mask)
+        return encoded
 
     def settings(self, **overrides: Any) -> GenerationSettings:
         """transformers' resolution: explicit arguments, then the export's generation defaults."""
@@ -178,6 +206,7 @@ class Seq2SeqRuntime:
         encoded: EncodedBatch | None = None,
         truncation: bool = True,
         on_token: Callable[[np.ndarray], None] | None = None,
+        speculative: bool | int = False,
         **generation: Any,
     ) -> GenerationOutput:
         """Generate for a batch of texts or token-id sequences (mixed lengths are padded inside).
@@ -187,8 +216,13 @@ class Seq2SeqRuntime:
         ``no_repeat_ngram_size``, ``repetition_penalty``, ``do_sample``, ``top_k``, ``top_p``,
         ``temperature``, ``seed``, ``num_return_sequences``. ``on_token`` (greedy and sampling)
         receives each step's new tokens, one per row.
+
+        ``speculative`` (a pair export, greedy only): the draft decoder proposes and the full decoder
+        verifies -- the same token ids as plain greedy decoding with the full model. ``True`` adapts
+        the number of proposals per verification (see ``DraftLength``); an int fixes it.
         """
         settings = self.settings(**generation)
+        draft_length = self._draft_length(speculative, settings)
         texts_in = False
         started = time.perf_counter()
         if encoded is None:
@@ -196,11 +230,14 @@ class Seq2SeqRuntime:
                 raise ValueError("pass inputs (texts or token ids) or encoded=runtime.encode(...)")
             sequences, texts_in = self._to_ids(inputs)
             input_ids, mask = self._pad(sequences, truncation)
-            encoded = self.backend.encode(input_ids, mask)
+            encoded = self._encode(input_ids, mask, with_draft=draft_length is not None)
         encoded_at = time.perf_counter()
         rows = settings.num_beams if settings.num_beams > 1 else settings.num_return_sequences
         session = self.backend.start(encoded, rows, settings.max_length)
-        if settings.num_beams > 1:
+        speculation = None
+        if draft_length is not None:
+            output, speculation = self._speculate(session, encoded, settings, draft_length, on_token)
+        elif settings.num_beams > 1:
             output = beam_search(session, encoded.sources, settings)
         else:
             output = greedy_or_sample(session, encoded.sources * rows, settings, on_token)
@@ -208,7 +245,37 @@ class Seq2SeqRuntime:
         ids = output.tolist()
         texts = self.tokenizer.decode(ids) if texts_in and self.tokenizer is not None else None
         timings = {"encode_s": encoded_at - started, "decode_s": finished - encoded_at, "total_s": finished - started}
-        return GenerationOutput(sequences=ids, texts=texts, timings=timings)
+        return GenerationOutput(sequences=ids, texts=texts, timings=timings, speculation=speculation)
+
+    def _draft_length(self, speculative: bool | int, settings: GenerationSettings) -> DraftLength | None:
+        if speculative is False:
+            return None
+        if self.draft is None:
+            raise ValueError(
+                f"{self.directory} has no draft decoder; speculative decoding needs a pair export: "
+                "cbart export FULL_CKPT --draft COMPRESSED_CKPT --out DIR"
+            )
+        if settings.num_beams > 1 or settings.do_sample:
+            raise ValueError("speculative decoding is greedy; drop num_beams > 1 / do_sample, or speculative")
+        if speculative is True:
+            return DraftLength()
+        return DraftLength(start=int(speculative), maximum=max(int(speculative), 1), adaptive=False)
+
+    def _speculate(
+        self,
+        session: Any,
+        encoded: EncodedBatch,
+        settings: GenerationSettings,
+        draft_length: DraftLength,
+        on_token: Callable[[np.ndarray], None] | None,
+    ) -> tuple[np.ndarray, SpeculationStats]:
+        assert self.draft is not None
+        if encoded.draft is None:
+            raise ValueError("encoded has no draft encoding; make it with this pair runtime's encode()")
+        draft = self.draft.start(encoded.draft, 1, settings.max_length)
+        if not (isinstance(session, VerifyingSession) and isinstance(draft, VerifyingSession)):
+            raise ValueError(f"the {type(session).__name__} backend cannot verify several tokens per step")
+        return speculative_greedy(session, draft, encoded.sources, settings, draft_length, on_token)
 
     def stream(self, inputs: Inputs, **generation: Any) -> Iterator[int]:
         """Yield the tokens of one greedy (or sampled) generation as they are produced."""

@@ -72,6 +72,19 @@ class SpecialTokens:
 
 
 @dataclass
+class DraftSpec:
+    """A speculative pair's draft decoder (``cbart export FULL --draft DRAFT``).
+
+    ``directory`` (relative to the full model's export) holds the draft's own graphs and manifest,
+    without an encoder graph: the draft reads the full model's encoder output, which the pair shares.
+    """
+
+    directory: str
+    precision: str
+    architecture: str
+
+
+@dataclass
 class Manifest:
     model: ModelDims
     tokens: SpecialTokens
@@ -86,6 +99,7 @@ class Manifest:
     engine: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
     lm_head_screen: dict[str, Any] = field(default_factory=dict)
+    draft: DraftSpec | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -108,6 +122,7 @@ class Manifest:
             engine=data.get("engine", {}),
             verification=data.get("verification", {}),
             lm_head_screen=data.get("lm_head_screen", {}),
+            draft=DraftSpec(**data["draft"]) if data.get("draft") else None,
             format=data["format"],
             format_version=data["format_version"],
         )

@@ -8,6 +8,7 @@ TensorRT version and GPU architecture it was built for.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -65,3 +66,30 @@ def require_tensorrt() -> tuple[ModuleType, str]:
     """TensorRT module and GPU compute capability, or a clear error naming what is missing."""
     tensorrt = import_tensorrt()
     return tensorrt, cuda_compute_capability()
+
+
+def check_request(
+    limits: dict[str, Any],
+    sources: int | None = None,
+    source_length: int | None = None,
+    rows: int | None = None,
+    max_length: int | None = None,
+) -> None:
+    """Refuse, before any CUDA work, a request outside the engines' optimization profiles.
+
+    ``limits`` is the manifest's record of ``cbart export --to trt``'s limits. TensorRT itself would
+    reject such shapes deep inside execution (or torch would report a negative dimension); the error
+    here names the limit and the export flag that raises it.
+    """
+    checks = (
+        (sources, limits["max_batch"], "sources in one request", "--max-batch"),
+        (source_length, limits["max_source_length"], "source tokens", "--max-source-length"),
+        (rows, limits["max_batch"] * limits["beams"], "decoder rows (sources x beams)", "--max-batch/--beams"),
+        (None if max_length is None else max_length - 1, limits["max_new_tokens"], "new tokens", "--max-new-tokens"),
+    )
+    for needed, limit, what, flag in checks:
+        if needed is not None and needed > limit:
+            raise ValueError(
+                f"this request needs {needed} {what}, but the TensorRT engines were built for at most {limit}; "
+                f"rebuild them with a larger {flag} (cbart export --to trt), or split the request"
+            )

@@ -11,10 +11,11 @@ import pytest
 from benchmarks import cnn_dailymail, latency
 from benchmarks.models import ModelSpec
 from benchmarks.quality import data as quality_data
-from benchmarks.quality import stats
+from benchmarks.quality import sequence_kd, stats
 from benchmarks.quality.run import check_recipe
 from benchmarks.quality.run import main as quality_main
 from benchmarks.quality.translation import QUICK
+from benchmarks.speculative import main as speculative_main
 from compression.config import PAPER_GENERATION
 from compression.data import Example, load_tokenizer
 
@@ -126,6 +127,26 @@ def test_quality_quick_preset_trains_exports_scores_and_reuses(tmp_path: Path, s
     capsys.readouterr()
     assert quality_main(arguments) == 0
     assert "[base] reusing" in capsys.readouterr().out  # the second run measures without training again
+    work = tmp_path / "work"
+    assert quality_main([*arguments, "--train-only", "--variants", "seqkd", "--tasks", "translation"]) == 0
+    targets = json.loads((work / sequence_kd.CACHE).read_text())
+    assert len(targets) == QUICK.train_rows and all(t[0] == 0 and t[-1] != 1 for t in targets)
+    assert (work / "compressed-32-seqkd" / "config.json").is_file()
+    speculative = ["--work", str(work), "--sentences", "6", "--rounds", "1", "--skip-random", "--threads", "1"]
+    assert speculative_main([*speculative, "--results", str(tmp_path / "speculative.json")]) == 0
+    rows = json.loads((tmp_path / "speculative.json").read_text())["trained"]["rows"]
+    assert [row["system"] for row in rows] == ["cbart:fp32"] + [
+        f"cbart:{precision}+spec / compressed-32{suffix}"
+        for suffix in ("", "-distilled", "-seqkd")
+        for precision in ("fp32", "int8")
+    ]
+    assert all(row["identical_to_full"] == 6 for row in rows)
+    assert all(0 <= row["acceptance_rate"] <= 1 for row in rows[1:])
+
+
+def test_sequence_kd_targets_take_the_layout_of_tokenized_labels() -> None:
+    assert sequence_kd.as_labels([2, 0, 57, 81, 2, 1, 1], decoder_start=2, pad=1) == [0, 57, 81, 2]
+    assert sequence_kd.as_labels([2, 0, 57, 81], decoder_start=2, pad=1) == [0, 57, 81]  # cut at the length limit
 
 
 def test_bench_reports_tensorrt_as_skipped_with_the_reason_when_it_cannot_run(tmp_path: Path, capsys) -> None:

@@ -235,5 +235,30 @@ def test_stage2_distilled_from_the_base_with_bucketed_batches(tmp_path, base_wit
     BartForConditionalGeneration(BartConfig.from_pretrained(base_with_tokenizer)).save_pretrained(other)
     teacher_swapped = [str(other) if a == str(base_with_tokenizer) else a for a in arguments]
     assert main([*teacher_swapped, "--out", str(tmp_path / "bad")]) == 2
-    assert "the teacher's encoder weight" in capsys.readouterr().err
+    assert "the teacher cannot serve this student: encoder weight" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_speculative_pair_from_the_command_line(tmp_path, base_with_tokenizer, capsys):
+    draft, pair = tmp_path / "draft", tmp_path / "pair"
+    assert main(["compress", str(base_with_tokenizer), "--latent", "24", "16", "--out", str(draft)]) == 0
+    export = ["export", str(base_with_tokenizer), "--draft", str(draft), "--no-progress"]
+    assert main([*export, "--draft-quantize", "int8", "--out", str(pair)]) == 0
+    out = capsys.readouterr().out
+    assert "speculative greedy identical to PyTorch: 4/4" in out and "with a int8 draft in draft/" in out
+    text = "A man in a blue shirt is standing on a ladder."
+    assert main(["generate", str(pair), text, "--max-new-tokens", "12"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", str(pair), text, "--max-new-tokens", "12", "--speculative"]) == 0
+    assert main(["generate", str(pair), text, "--max-new-tokens", "12", "--speculative", "2"]) == 0
+    assert capsys.readouterr().out == plain * 2
+    for wrong, message in (
+        (["--quantize", "int8"], "with --draft use --draft-quantize int8"),
+        (["--to", "trt"], "--draft (speculative pairs) writes ONNX exports only"),
+    ):
+        assert main([*export, *wrong, "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+    single = ["export", str(base_with_tokenizer), "--draft-quantize", "int8", "--out", str(tmp_path / "bad")]
+    assert main(single) == 2
+    assert "--draft-quantize applies to the draft of a speculative pair" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

@@ -113,3 +113,57 @@ def test_cpp_screened_greedy_on_a_larger_vocabulary(binary, tmp_path):
     assert completed.returncode == 0, completed.stderr
     got = json.loads(completed.stdout.splitlines()[0])["sequences"]
     assert got == model.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """A speculative pair whose draft partly agrees (noise on the decoder layers), int8 draft."""
+    from test_speculative import full_model, noisy_copy
+
+    from exporter.pair import export_pair
+
+    model = full_model()
+    root = tmp_path_factory.mktemp("cpp-pair")
+    model.save_pretrained(root / "full")
+    noisy_copy(model, 0.02).save_pretrained(root / "draft")
+    options = ExportOptions(progress=False)
+    export_pair(root / "full", root / "draft", root / "pair", options, "int8", log=lambda *_: None)
+    return model, root / "pair"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"max_new_tokens": 24, "speculative": True},
+        {"max_new_tokens": 20, "no_repeat_ngram_size": 2, "speculative": 3},
+        {"max_new_tokens": 16, "min_new_tokens": 10, "repetition_penalty": 1.3, "speculative": 1},
+    ],
+)
+def test_cpp_speculative_decoding_mirrors_python(binary, pair, settings):
+    """Same token ids as the full model's greedy search, and the same proposals and acceptances as Python."""
+    model, directory = pair
+    ids, mask = random_batch([9, 4, 13, 6], seed=3)
+    inputs = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask, strict=True)]
+    completed = run(binary, directory, [{"input_ids": inputs, **settings}])
+    assert completed.returncode == 0, completed.stderr
+    got = json.loads(completed.stdout.splitlines()[0])
+    python = Seq2SeqRuntime.from_dir(directory).generate(inputs, **settings)
+    plain = {key: value for key, value in settings.items() if key != "speculative"}
+    assert got["sequences"] == python.sequences
+    assert got["sequences"] == model.generate(input_ids=ids, attention_mask=mask, num_beams=1, **plain).tolist()
+    assert python.speculation is not None
+    stats = python.speculation.to_dict()
+    assert got["speculation"] == {key: stats[key] for key in got["speculation"]}
+    assert 0 < stats["accepted"] < stats["proposed"]
+
+
+def test_cpp_speculative_errors(binary, pair, exported):
+    _, directory = exported
+    completed = run(binary, directory, [{"input_ids": [[0, 5, 2]], "speculative": True}])
+    assert completed.returncode == 1
+    assert "has no draft decoder; speculative decoding needs a pair export" in completed.stderr
+    _, pair_directory = pair
+    completed = run(binary, pair_directory, [{"input_ids": [[0, 5, 2]], "speculative": True, "num_beams": 2}])
+    assert completed.returncode == 1 and "speculative decoding is greedy" in completed.stderr
+    completed = run(binary, pair_directory, [{"input_ids": [[0, 5, 2]], "speculative": 0}])
+    assert completed.returncode == 1 and "draft length >= 1" in completed.stderr

@@ -382,3 +382,32 @@ def test_an_unsupported_tensorrt_version_is_refused_with_the_install_command(ver
     with pytest.raises(TensorRTUnavailable, match=f"TensorRT {version} is installed.*pip install 'tensorrt>=10.1,<11'"):
         check_tensorrt_version(version)
     check_tensorrt_version("10.13.0.35")
+
+
+def test_requests_outside_the_engines_profiles_are_refused_before_any_cuda_work() -> None:
+    """The manifest records the export's limits; the TensorRT backend checks every request against them."""
+    from dataclasses import asdict
+
+    from exporter.engine_profiles import EngineLimits
+    from runtime.trt_support import check_request
+
+    limits = asdict(
+        EngineLimits(
+            max_batch=4,
+            opt_batch=2,
+            max_source_length=40,
+            opt_source_length=16,
+            max_new_tokens=24,
+            opt_new_tokens=8,
+            beams=2,
+        )
+    )
+    check_request(limits, sources=4, source_length=40, rows=8, max_length=25)  # exactly at every limit
+    for request, message in (
+        ({"sources": 5}, "needs 5 sources in one request, but .* at most 4; rebuild them with a larger --max-batch"),
+        ({"source_length": 41}, "needs 41 source tokens, .* at most 40; .* larger --max-source-length"),
+        ({"rows": 9}, r"needs 9 decoder rows \(sources x beams\), .* at most 8; .* larger --max-batch/--beams"),
+        ({"max_length": 26}, "needs 25 new tokens, .* at most 24; .* larger --max-new-tokens"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_request(limits, **request)

@@ -179,3 +179,11 @@ def test_screen_is_off_for_exports_that_cannot_use_it(exports, tmp_path):
     with pytest.raises(ExportError, match="MatMulNBits"):
         export_tensorrt(screened_dir, tmp_path / "trt", limits=None, options=ExportOptions(lm_head_screen="on"))
     assert not (tmp_path / "trt").exists()
+
+
+def test_every_graph_of_a_default_export_passes_onnxs_full_check(exports):
+    """The screen's If node comes after every value its branches read (ONNX Runtime tolerates less)."""
+    _, screened_dir, plain_dir = exports
+    for directory in (screened_dir, plain_dir):
+        for graph in sorted(directory.glob("*.onnx")):
+            onnx.checker.check_model(str(graph), full_check=True)

@@ -73,6 +73,17 @@ def test_engines_generate_pytorchs_token_ids(exports):
 
 
 @requires_trt
+def test_requests_beyond_the_engine_limits_get_the_flag_that_raises_them(exports):
+    _, root = exports
+    runtime = Seq2SeqRuntime.from_dir(root / "trt", backend="tensorrt", device="cuda")
+    with pytest.raises(ValueError, match="at most 24; rebuild them with a larger --max-new-tokens"):
+        runtime.generate([[0, 5, 6, 2]], max_new_tokens=25)
+    with pytest.raises(ValueError, match="at most 4; rebuild them with a larger --max-batch"):
+        runtime.generate([[0, 5, 6, 2]] * 5, max_new_tokens=4)
+    assert runtime.generate([[0, 5, 6, 2]] * 4, max_new_tokens=24, min_new_tokens=24).sequences
+
+
+@requires_trt
 def test_cuda_graph_replays_give_the_same_token_ids(exports):
     _, root = exports
     plain = Seq2SeqRuntime.from_dir(root / "trt", backend="tensorrt", device="cuda")

@@ -276,5 +276,5 @@ def test_distilled_stage2_moves_the_student_towards_the_teacher(tmp_path: Path):
     assert kl_to_teacher(student) < 0.7 * before
     torch.manual_seed(1)  # fit() reseeds the global generator: without this the stranger would be the teacher
     stranger = BartForConditionalGeneration(TASK.base_config(width=32, ffn=64))
-    with pytest.raises(ValueError, match="teacher's encoder weight"):
+    with pytest.raises(ValueError, match="teacher cannot serve this student: encoder weight"):
         train_decoder(student, examples, args(tmp_path, "x"), distillation=Distillation(stranger))

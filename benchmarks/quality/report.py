@@ -38,6 +38,17 @@ def _interval(value: dict[str, float]) -> str:
     return f"{value['value']:.2f} [{value['low']:.2f}, {value['high']:.2f}]"
 
 
+MARKERS = {"base": "o", "plain": "o", "distilled": "s", "seqkd": "^"}
+COLORS = {"base": "black", "plain": "tab:blue", "distilled": "tab:orange", "seqkd": "tab:green"}
+
+
+def _kind(model: str) -> str:
+    """base, the paper's stage 2 (plain), token-level KD (distilled) or sequence-level KD (seqkd)."""
+    if model == "base":
+        return "base"
+    return "distilled" if model.endswith("-distilled") else "seqkd" if model.endswith("-seqkd") else "plain"
+
+
 def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Test BLEU (beam 4, with its 95% CI) against fp32 decode ms/token; distilled models marked."""
     plt = pyplot()
@@ -45,20 +56,22 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     for row in rows:
-        distilled = "distilled" in row["model"]
+        kind = _kind(row["model"])
         x, beam = row["ms_fp32"]["median"], row["beam"]
         axis.errorbar(
             x,
             beam["value"],
             yerr=[[beam["value"] - beam["low"]], [beam["high"] - beam["value"]]],
-            fmt="s" if distilled else "o",
-            color="tab:orange" if distilled else ("tab:blue" if row["model"] != "base" else "black"),
+            fmt=MARKERS[kind],
+            color=COLORS[kind],
             capsize=3,
         )
         axis.annotate(row["model"], (x, beam["value"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     axis.set_xlabel("decode ms/token (ONNX Runtime fp32, batch 1, greedy)")
     axis.set_ylabel("test BLEU, beam 4 (95% CI)")
-    axis.set_title("Multi30k En→De test 2016: quality vs decode latency\n(squares: distilled)")
+    axis.set_title(
+        "Multi30k En→De test 2016: quality vs decode latency\n(squares: token-level KD, triangles: sequence-level KD)"
+    )
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.quality import classification, evaluation, report, stats, translation
+from benchmarks.quality import classification, evaluation, report, sequence_kd, stats, translation
 from benchmarks.quality.data import ROOT, SHARED, TranslationData, load_ag_news, load_multi30k, save_vocabulary
 from benchmarks.quality.finetune_cost import measure_in_subprocess
 
@@ -58,14 +58,21 @@ def train_translation(
     work: Path,
     variants: list[str],
     progress: bool,
+    threads: int,
+    trained_only: bool = False,
 ) -> dict[str, Any]:
+    """Train (or resume, or reuse) every requested model; ``trained_only`` skips the ones not trained yet."""
     records = {"base": translation.train_base(data, recipe, work, progress)}
     for latents in latent_sizes:
         name = translation.latent_name(latents)
-        if "plain" in variants:
-            records[name] = translation.train_compressed(data, recipe, work, latents, False, progress)
-        if "distilled" in variants:
-            records[f"{name}-distilled"] = translation.train_compressed(data, recipe, work, latents, True, progress)
+        for variant, suffix in translation.VARIANTS.items():
+            if trained_only and not (work / (name + suffix) / "config.json").is_file():
+                continue
+            if variant in variants:
+                examples = sequence_kd.base_translations(data, work, threads) if variant == "seqkd" else None
+                records[name + suffix] = translation.train_compressed(
+                    data, recipe, work, latents, variant, progress, examples
+                )
     return records
 
 
@@ -118,9 +125,9 @@ def evaluate_translation(
                 row[f"{search}_delta"] = stats.paired_bootstrap(
                     statistics[name][search], statistics["base"][search], stats.bleu_from_statistics
                 ).as_dict()
-        plain = name.removesuffix("-distilled")
-        if plain != name and plain in statistics:  # distilled vs the same model trained without the teacher
-            row["beam_delta_vs_undistilled"] = stats.paired_bootstrap(
+        plain = name.removesuffix("-distilled").removesuffix("-seqkd")
+        if plain != name and plain in statistics:  # distilled vs the same size trained with the paper's loss
+            row["beam_delta_vs_plain"] = stats.paired_bootstrap(
                 statistics[name]["beam"], statistics[plain]["beam"], stats.bleu_from_statistics
             ).as_dict()
         rows.append(row)
@@ -182,11 +189,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-only", action="store_true", help="train (or resume) every model, then stop")
     parser.add_argument(
+        "--trained-only",
+        action="store_true",
+        help="report only the requested models already trained in --work (e.g. one size has no seqkd model)",
+    )
+    parser.add_argument(
         "--variants",
         nargs="+",
-        choices=("plain", "distilled"),
+        choices=tuple(translation.VARIANTS),
         default=["plain", "distilled"],
-        help="which stage-2 models per latent size: the paper's (plain) and/or the distilled one",
+        help="which stage-2 models per latent size: the paper's (plain), token-level KD (distilled), "
+        "sequence-level KD on the base's greedy translations (seqkd)",
     )
     parser.add_argument(
         "--latents", type=int, nargs="+", default=None, help="only these latent sizes of the recipe (e.g. 128)"
@@ -230,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         save_vocabulary(data.vocabulary, work)
         progress = not args.no_progress
         records = (
-            train_translation(data, recipe, recipe_latents, work, args.variants, progress)
+            train_translation(
+                data, recipe, recipe_latents, work, args.variants, progress, args.threads, args.trained_only
+            )
             if "translation" in args.tasks
             else {}
         )

@@ -302,24 +302,38 @@ def latent_name(latents: Sequence[int]) -> str:
     return f"compressed-{latents[-1]}"
 
 
+VARIANTS = {
+    "plain": "",
+    "distilled": "-distilled",
+    "seqkd": "-seqkd",
+}
+"""Stage-2 variants and their name suffixes: the paper's loss; token-level KD from the base
+(``Distillation``); sequence-level KD -- the base's own greedy translations as targets (Kim & Rush, 2016)."""
+
+
 def train_compressed(
     data: TranslationData,
     recipe: Recipe,
     work: Path,
     latents: Sequence[int],
-    distill: bool = False,
+    variant: str = "plain",
     progress: bool = True,
+    examples: Sequence[Any] | None = None,
 ) -> StageRecord:
     """The paper's method on the trained base: frozen encoder -> stage 1 autoencoder -> stage 2 narrow decoder.
 
-    The distilled model starts from the same stage-1 autoencoder, so the two differ only in the
-    stage-2 loss.
+    Every variant starts from the same stage-1 autoencoder, so they differ only in stage 2: its loss
+    (``distilled``) or its targets (``seqkd`` trains on ``examples``, the base's translations).
     """
     from transformers import BartForConditionalGeneration
 
     from compression import build_from_base, load_compressed_model
     from compression.training import Distillation, train_autoencoder, train_decoder
 
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown stage-2 variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    if (variant == "seqkd") != (examples is not None):
+        raise ValueError("the seqkd variant trains on the base's translations: pass them as examples (and only then)")
     stem = latent_name(latents)
     autoencoder = run_stage(
         f"{stem}-ae",
@@ -337,16 +351,17 @@ def train_compressed(
         None,
     )
     distillation = None
-    if distill:
+    if variant == "distilled":
         teacher = BartForConditionalGeneration.from_pretrained(work / "base")
         distillation = Distillation(teacher, recipe.distill_alpha, recipe.distill_temperature)
+    train_examples = data.train if examples is None else examples
     record = run_stage(
-        f"{stem}-distilled" if distill else stem,
+        stem + VARIANTS[variant],
         work,
         lambda: load_compressed_model(work / f"{stem}-ae"),
         load_compressed_model,
         lambda model, args, evaluate: train_decoder(
-            model, data.train, args, evaluation_callback=evaluate, distillation=distillation
+            model, train_examples, args, evaluation_callback=evaluate, distillation=distillation
         ),
         training_arguments(recipe, work, recipe.decoder_epochs, progress),
         lambda model: validation_bleu(model, data),

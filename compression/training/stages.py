@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
 from compression.autoencoder import LatentAutoencoder, reconstruction_loss
+from compression.build import encoder_mismatch
 from compression.checkpoint import save_checkpoint
 from compression.data import Collator, Example
 from compression.metrics import TEXT_METRICS, accuracy
@@ -118,13 +119,12 @@ def check_teacher(model: CompressedBartForConditionalGeneration, teacher: PreTra
             f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's "
             f"({model.config.vocab_size}); distil from the base model the student was compressed from"
         )
-    student = model.model.encoder.base.state_dict()
-    for name, tensor in teacher.get_encoder().state_dict().items():
-        if name in student and not torch.equal(student[name].cpu(), tensor.cpu()):
-            raise ValueError(
-                f"the teacher's encoder weight {name!r} differs from the student's; distil from the base model "
-                "the student was compressed from (its encoder is the student's frozen encoder)"
-            )
+    mismatch = encoder_mismatch(teacher, model)
+    if mismatch is not None:
+        raise ValueError(
+            f"the teacher cannot serve this student: {mismatch}; distil from the base model the student was "
+            "compressed from (its encoder is the student's frozen encoder)"
+        )
 
 
 def train_autoencoder(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -23,6 +23,8 @@ class EncodedBatch:
     cross_kv: Any
     attention_mask: np.ndarray
     input_ids: np.ndarray
+    draft: EncodedBatch | None = None
+    """A speculative pair's draft decoder's view of the same sources (its own cross-K/V), or None."""
 
     @property
     def sources(self) -> int:
@@ -42,4 +44,17 @@ class Backend(Protocol):
         ``max_length`` bounds the sequence length (decoder start included), for backends that size
         buffers ahead; None means unknown.
         """
+        ...
+
+
+@runtime_checkable
+class SharedEncoderBackend(Backend, Protocol):
+    """A backend whose encoder output can feed another model's decoder side (a speculative pair's draft)."""
+
+    def encoder_states(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Any:
+        """The encoder graph alone (backend-owned array or tensor)."""
+        ...
+
+    def encode_states(self, states: Any, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncodedBatch:
+        """This model's autoencoder (if any) and cross-K/V graphs on ``states``."""
         ...

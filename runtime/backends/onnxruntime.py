@@ -75,7 +75,14 @@ class OnnxRuntimeBackend:
         self.screen = LogitScreen(directory) if manifest.lm_head_screen and self.has_switch else None
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncodedBatch:
-        states = self.sessions["encoder"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        return self.encode_states(self.encoder_states(input_ids, attention_mask), input_ids, attention_mask)
+
+    def encoder_states(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """The encoder graph alone: what a speculative pair's two decoders share."""
+        return self.sessions["encoder"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+    def encode_states(self, states: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncodedBatch:
+        """Autoencoder (when the model has one) and cross-attention K/V from the encoder's output."""
         if "autoencoder" in self.sessions:
             states = self.sessions["autoencoder"].run(None, {"hidden_states": states})[0]
         binding = self.sessions["cross_kv"].io_binding()
@@ -110,10 +117,16 @@ class OrtDecoderSession:
             self.binding.bind_ortvalue_input(name, value)  # once per request; rebinding by name replaces
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        return self._run(tokens, exact=True)[0]
+        return self._run(tokens, exact=True, last_only=True)[0]
 
-    def _run(self, tokens: np.ndarray, exact: bool) -> list[np.ndarray]:
-        """One step; the last position's logits (and the screen's inputs when not ``exact``) as owned arrays."""
+    def step_all(self, tokens: np.ndarray) -> np.ndarray:
+        return self._run(tokens, exact=True, last_only=False)[0]
+
+    def _run(self, tokens: np.ndarray, exact: bool, last_only: bool) -> list[np.ndarray]:
+        """One step; the logits (and the screen's inputs when not ``exact``) as owned float32 arrays.
+
+        ``last_only``: [rows, width] at the last new position; otherwise [rows, new tokens, width].
+        """
         backend, binding = self.backend, self.binding
         binding.clear_binding_outputs()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
@@ -132,13 +145,26 @@ class OrtDecoderSession:
         self.past = list(outputs[1 : 1 + len(backend.present_names)])
         extra = outputs[1 + len(backend.present_names) :]
         # owned copies: the OrtValues are reused by the next step
-        return [np.array(value.numpy()[:, -1, :], dtype=np.float32) for value in (outputs[0], *extra)]
+        if last_only:
+            return [np.array(value.numpy()[:, -1, :], dtype=np.float32) for value in (outputs[0], *extra)]
+        return [np.array(value.numpy(), dtype=np.float32) for value in (outputs[0], *extra)]
 
     def reorder(self, rows: np.ndarray) -> None:
         if np.array_equal(rows, np.arange(len(rows))):
             return
         self.past = [
             ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[rows]), self.device)
+            for value in self.past
+        ]
+
+    def truncate(self, length: int) -> None:
+        """Drop cache positions from ``length`` on (rejected speculative proposals).
+
+        The step graph concatenates a new cache every step, so the kept prefix is copied once into a
+        contiguous buffer here -- the same traffic as one step's concatenation, and only on rejection.
+        """
+        self.past = [
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[:, :, :length]), self.device)
             for value in self.past
         ]
 
@@ -152,5 +178,10 @@ class ScreenedOrtDecoderSession(OrtDecoderSession):
 
     def step_screened(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Approximate logits [rows, vocab], the LM head's input and its 8-bit part [rows, width]."""
-        logits, hidden, residual = self._run(tokens, exact=False)
+        logits, hidden, residual = self._run(tokens, exact=False, last_only=True)
+        return logits, hidden, residual
+
+    def step_all_screened(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As ``step_screened`` at every new position: [rows, new tokens, vocab or width]."""
+        logits, hidden, residual = self._run(tokens, exact=False, last_only=False)
         return logits, hidden, residual

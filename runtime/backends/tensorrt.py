@@ -14,7 +14,7 @@ import torch
 
 from runtime.backends.base import EncodedBatch
 from runtime.manifest import ExportDirectoryError, Manifest, ModelDims
-from runtime.trt_support import cuda_compute_capability, import_tensorrt
+from runtime.trt_support import check_request, cuda_compute_capability, import_tensorrt
 
 import_tensorrt()  # a clear error when TensorRT is missing (or only its type stubs are installed)
 import tensorrt as trt  # noqa: E402
@@ -61,7 +61,11 @@ class EngineRunner:
     @staticmethod
     def set_shapes(context: trt.IExecutionContext, inputs: dict[str, torch.Tensor]) -> None:
         for name, tensor in inputs.items():
-            context.set_input_shape(name, tuple(tensor.shape))
+            if not context.set_input_shape(name, tuple(tensor.shape)):
+                raise ValueError(
+                    f"TensorRT refused shape {tuple(tensor.shape)} for {name}: it is outside the engine's "
+                    "optimization profile; rebuild the engines with larger limits (cbart export --to trt)"
+                )
 
     @staticmethod
     def bind(context: trt.IExecutionContext, tensors: dict[str, torch.Tensor]) -> None:
@@ -174,6 +178,7 @@ class TensorRTBackend:
         self.step_graphs: dict[tuple[Any, ...], StepGraphs] = {}
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncodedBatch:
+        check_request(self.manifest.engine["limits"], sources=input_ids.shape[0], source_length=input_ids.shape[1])
         with torch.cuda.stream(self.stream):
             ids = torch.from_numpy(input_ids).cuda()
             mask = torch.from_numpy(attention_mask).cuda()
@@ -188,19 +193,21 @@ class TensorRTBackend:
         self, encoded: EncodedBatch, rows_per_source: int, max_length: int | None = None
     ) -> TensorRTDecoderSession | GraphedDecoderSession:
         rows = encoded.sources * rows_per_source
+        check_request(self.manifest.engine["limits"], rows=rows, max_length=max_length)
         if not self.cuda_graphs or max_length is None:
             return TensorRTDecoderSession(self, encoded, rows)
         cross: dict[str, torch.Tensor] = encoded.cross_kv
         key = (rows, max_length, *((name, tuple(value.shape)) for name, value in cross.items()))
         if key not in self.step_graphs:
-            self.step_graphs[key] = StepGraphs(
-                self.engines["decoder_step"],
-                rows,
-                cross,
-                tuple(encoded.attention_mask.shape),
-                self.manifest.model,
-                max_length,
-            )
+            with torch.cuda.stream(self.stream):  # every CUDA op of the backend runs on its stream
+                self.step_graphs[key] = StepGraphs(
+                    self.engines["decoder_step"],
+                    rows,
+                    cross,
+                    tuple(encoded.attention_mask.shape),
+                    self.manifest.model,
+                    max_length,
+                )
         return GraphedDecoderSession(self, self.step_graphs[key], encoded)
 
 
@@ -213,9 +220,10 @@ class TensorRTDecoderSession:
         self.backend = backend
         self.cross: dict[str, torch.Tensor] = encoded.cross_kv
         self.past_names = [t.name for t in step.inputs if t.name.startswith("past_")]
-        self.mask = torch.from_numpy(encoded.attention_mask).cuda()
         empty = (rows, dims.decoder_attention_heads, 0, dims.head_dim)
-        self.past = {name: torch.zeros(empty, dtype=torch.float32, device="cuda") for name in self.past_names}
+        with torch.cuda.stream(backend.stream):  # every CUDA op of the backend runs on its stream
+            self.mask = torch.from_numpy(encoded.attention_mask).cuda()
+            self.past = {name: torch.zeros(empty, dtype=torch.float32, device="cuda") for name in self.past_names}
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         backend = self.backend
@@ -232,8 +240,11 @@ class TensorRTDecoderSession:
         return logits.numpy()
 
     def reorder(self, rows: np.ndarray) -> None:
-        index = torch.from_numpy(rows).cuda()
-        self.past = {name: value.index_select(0, index) for name, value in self.past.items()}
+        # On the engine's stream: the next step must read the reordered cache, and the old cache's blocks
+        # return to the allocator in that stream's order (no reuse while a kernel still reads them).
+        with torch.cuda.stream(self.backend.stream):
+            index = torch.from_numpy(rows).cuda()
+            self.past = {name: value.index_select(0, index) for name, value in self.past.items()}
 
 
 class GraphedDecoderSession:

@@ -38,9 +38,16 @@ class TorchBackend:
 
     @torch.inference_mode()
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncodedBatch:
+        return self.encode_states(self.encoder_states(input_ids, attention_mask), input_ids, attention_mask)
+
+    @torch.inference_mode()
+    def encoder_states(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> torch.Tensor:
         ids = torch.from_numpy(input_ids).to(self.device)
         mask = torch.from_numpy(attention_mask).to(self.device)
-        states = self.graphs["encoder"](ids, mask)
+        return self.graphs["encoder"](ids, mask)
+
+    @torch.inference_mode()
+    def encode_states(self, states: torch.Tensor, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncodedBatch:
         if "autoencoder" in self.graphs:
             states = self.graphs["autoencoder"](states)
         cross = list(self.graphs["cross_kv"](states))
@@ -58,13 +65,20 @@ class TorchDecoderSession:
         empty = torch.zeros((rows, *backend.cache_shape), device=backend.device)
         self.past = [empty] * (2 * backend.layers)
 
-    @torch.inference_mode()
     def step(self, tokens: np.ndarray) -> np.ndarray:
+        return self.step_all(tokens)[:, -1, :]
+
+    @torch.inference_mode()
+    def step_all(self, tokens: np.ndarray) -> np.ndarray:
         ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self.backend.device)
         logits, *presents = self.backend.graphs["decoder_step"](ids, self.mask, *self.past, *self.cross)
         self.past = presents
-        return logits[:, -1, :].float().cpu().numpy()
+        return logits.float().cpu().numpy()
 
     def reorder(self, rows: np.ndarray) -> None:
         index = torch.from_numpy(rows).to(self.backend.device)
         self.past = [value.index_select(0, index) for value in self.past]
+
+    def truncate(self, length: int) -> None:
+        """Drop cache positions from ``length`` on: views, no copy (the next step concatenates anyway)."""
+        self.past = [value[:, :, :length] for value in self.past]

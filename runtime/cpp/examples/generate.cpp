@@ -4,8 +4,9 @@
 //
 // Each input line holds "input_ids" (a list of token-id lists) and optional generation settings
 // (max_new_tokens, max_length, min_new_tokens, min_length, num_beams, length_penalty, early_stopping,
-// no_repeat_ngram_size, repetition_penalty, num_return_sequences); each output line holds "sequences"
-// and the encode/decode milliseconds. Errors go to stderr, with exit status 1.
+// no_repeat_ngram_size, repetition_penalty, num_return_sequences, and "speculative": true or k for a pair
+// export); each output line holds "sequences", the encode/decode milliseconds and, when speculative, the
+// draft's statistics. Errors go to stderr, with exit status 1.
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -33,6 +34,15 @@ cbart::GenerationOptions options_from(const nlohmann::json& request) {
   if (request.contains("early_stopping")) {
     const auto& stop = request.at("early_stopping");
     options.early_stopping = stop.is_string() ? stop.get<std::string>() : (stop.get<bool>() ? "true" : "false");
+  }
+  if (request.contains("speculative")) {  // true: adaptive draft length (0); an integer k: fixed; false: off
+    const auto& speculative = request.at("speculative");
+    if (speculative.is_boolean()) {
+      if (speculative.get<bool>()) options.speculative = 0;
+    } else {
+      options.speculative = speculative.get<int>();
+      if (*options.speculative < 1) throw cbart::Error("speculative must be true, false or a draft length >= 1");
+    }
   }
   return options;
 }
@@ -66,6 +76,12 @@ int main(int argc, char** argv) {
       const auto result = runtime->generate(inputs, options_from(request));
       nlohmann::json response{{"sequences", result.sequences}, {"encode_ms", result.encode_ms},
                               {"decode_ms", result.decode_ms}};
+      if (result.speculation) {
+        const auto& stats = *result.speculation;
+        response["speculation"] = {{"full_calls", stats.full_calls}, {"draft_calls", stats.draft_calls},
+                                   {"proposed", stats.proposed}, {"accepted", stats.accepted},
+                                   {"steps", stats.steps}};
+      }
       std::cout << response.dump() << "\n" << std::flush;
     }
   } catch (const std::exception& error) {

@@ -17,7 +17,7 @@ std::vector<std::string> names(const nlohmann::json& tensors) {
 }
 }  // namespace
 
-Manifest read_manifest(const std::string& directory, bool check_files) {
+Manifest read_manifest(const std::string& directory, bool check_files, bool draft) {
   const std::string path = directory + "/manifest.json";
   std::ifstream file(path);
   if (!file) {
@@ -65,6 +65,8 @@ Manifest read_manifest(const std::string& directory, bool check_files) {
       manifest.lm_head_rows = screen.at("rows").get<std::string>();
       manifest.lm_head_bounds = screen.at("bounds").get<std::string>();
     }
+    const auto& pair = data.value("draft", nlohmann::json());
+    if (pair.is_object()) manifest.draft_directory = pair.at("directory").get<std::string>();
     const auto& generation = data.value("generation", nlohmann::json::object());
     manifest.max_length = generation.value("max_length", 20);
     manifest.min_length = generation.value("min_length", 0);
@@ -92,6 +94,7 @@ Manifest read_manifest(const std::string& directory, bool check_files) {
     throw Error(path + " is incomplete or malformed: " + error.what());
   }
   for (const char* graph : {"encoder", "cross_kv", "decoder_step"}) {
+    if (draft && std::string(graph) == "encoder") continue;
     if (!manifest.graph_files.count(graph)) throw Error(path + " lists no " + std::string(graph) + " graph");
   }
   return manifest;

@@ -23,9 +23,12 @@ struct Manifest {
   std::string backend;
   // the screened LM head's files (fp32 ONNX exports); empty when the export has none
   std::string lm_head_rows, lm_head_bounds;
+  // a speculative pair's draft export, relative to this directory; empty when there is none
+  std::string draft_directory;
 };
 
 // Reads and validates DIR/manifest.json; with check_files, every listed file's sha256 is verified.
-Manifest read_manifest(const std::string& directory, bool check_files);
+// A pair's draft (`draft`) has no encoder graph: it reads the full model's encoder output.
+Manifest read_manifest(const std::string& directory, bool check_files, bool draft = false);
 
 }  // namespace cbart

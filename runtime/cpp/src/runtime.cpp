@@ -88,6 +88,18 @@ class KvBuffers {
                                            shape.data(), shape.size());
   }
 
+  // Copies the first `kept` positions of side `from` (at `length`) into the other side (speculative rollback).
+  void truncate(int from, int64_t length, int64_t kept) {
+    const int64_t blocks = rows_ * heads_, size = kept * head_dim_;
+    for (int64_t tensor = 0; tensor < tensors_; ++tensor) {
+      const float* source = data(from, tensor);
+      float* target = data(1 - from, tensor);
+      for (int64_t block = 0; block < blocks; ++block) {
+        std::memcpy(target + block * size, source + block * length * head_dim_, sizeof(float) * size);
+      }
+    }
+  }
+
   // Copies rows `order` of side `from` (at `length`) into the other side, in that order.
   void gather(int from, int64_t length, const std::vector<int64_t>& order) {
     const int64_t size = row_size(length);
@@ -112,15 +124,19 @@ class OrtDecoderSession final : public DecoderSession {
  public:
   OrtDecoderSession(OrtModel& model, std::vector<Ort::Value>& cross, Ort::Value& mask, int64_t rows,
                     int max_length);
-  std::vector<float> step(const std::vector<int64_t>& tokens) override { return run(tokens, true); }
+  std::vector<float> step(const std::vector<int64_t>& tokens) override { return run(tokens, 1, true); }
   void reorder(const std::vector<int64_t>& rows) override;
   int64_t vocab() const override;
   bool screened() const override;
-  std::vector<float> step_screened(const std::vector<int64_t>& tokens) override { return run(tokens, false); }
+  std::vector<float> step_screened(const std::vector<int64_t>& tokens) override { return run(tokens, 1, false); }
   void refine(std::vector<float>& scores) override;
+  std::vector<float> step_all(const std::vector<int64_t>& tokens, int64_t count) override {
+    return run(tokens, count, true);
+  }
+  void truncate(int64_t length) override;
 
  private:
-  std::vector<float> run(const std::vector<int64_t>& tokens, bool exact);
+  std::vector<float> run(const std::vector<int64_t>& tokens, int64_t count, bool exact);
 
   OrtModel& model_;
   std::vector<Ort::Value>& cross_;
@@ -138,8 +154,10 @@ class OrtDecoderSession final : public DecoderSession {
 
 class OrtModel final : public Runtime {
  public:
-  OrtModel(const std::string& directory, const RuntimeOptions& options)
-      : manifest_(read_manifest(directory, options.check_files)),
+  // `draft`: a speculative pair's draft (no encoder graph), opened by the pair's full model.
+  OrtModel(const std::string& directory, const RuntimeOptions& options, bool draft = false)
+      : directory_(directory),
+        manifest_(read_manifest(directory, options.check_files, draft)),
         env_((load_onnxruntime(options.onnxruntime_library), ORT_LOGGING_LEVEL_WARNING), "cbart"),
         memory_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
     for (const auto& [name, file] : manifest_.graph_files) {
@@ -160,6 +178,9 @@ class OrtModel final : public Runtime {
     if (!manifest_.lm_head_rows.empty() && step_inputs.back() == "exact_logits") {
       screen_ = std::make_unique<LogitScreen>(directory, manifest_.lm_head_rows, manifest_.lm_head_bounds);
     }
+    if (!manifest_.draft_directory.empty()) {
+      draft_ = std::make_unique<OrtModel>(directory + "/" + manifest_.draft_directory, options, true);
+    }
   }
 
   int64_t vocab_size() const override { return manifest_.vocab_size; }
@@ -174,15 +195,23 @@ class OrtModel final : public Runtime {
     Ort::Value ids_value = Ort::Value::CreateTensor<int64_t>(memory_, ids.data(), ids.size(), shape.data(), 2);
     Ort::Value mask_value = Ort::Value::CreateTensor<int64_t>(memory_, mask.data(), mask.size(), shape.data(), 2);
     std::vector<Ort::Value> states = run("encoder", {"input_ids", "attention_mask"}, {&ids_value, &mask_value});
-    if (sessions_.count("autoencoder")) states = run("autoencoder", {"hidden_states"}, {&states[0]});
-    std::vector<Ort::Value> cross = run("cross_kv", {"memory"}, {&states[0]});
+    std::vector<Ort::Value> cross = cross_kv(states[0]);
+    std::vector<Ort::Value> draft_cross;
+    if (options.speculative) draft_cross = speculation_draft(settings).cross_kv(states[0]);
     const auto encoded = Clock::now();
     const int64_t rows_per_source = settings.num_beams > 1 ? settings.num_beams : 1;
     OrtDecoderSession session(*this, cross, mask_value, sources * rows_per_source, settings.max_length);
-    Rows output = settings.num_beams > 1 ? beam_search(session, sources, settings)
-                                         : greedy_search(session, sources, settings);
     GenerationResult result;
-    result.sequences = std::move(output);
+    if (options.speculative) {
+      OrtDecoderSession proposer(*draft_, draft_cross, mask_value, sources, settings.max_length);
+      DraftLength draft_length = *options.speculative == 0 ? DraftLength()
+                                                           : DraftLength(*options.speculative, *options.speculative, false);
+      result.speculation = SpeculationStats{};
+      result.sequences = speculative_greedy(session, proposer, sources, settings, draft_length, *result.speculation);
+    } else {
+      result.sequences = settings.num_beams > 1 ? beam_search(session, sources, settings)
+                                                : greedy_search(session, sources, settings);
+    }
     result.encode_ms = milliseconds(started, encoded);
     result.decode_ms = milliseconds(encoded, Clock::now());
     return result;
@@ -200,6 +229,13 @@ class OrtModel final : public Runtime {
                                            inputs.size(), output_names.data(), output_names.size());
     for (auto& borrowed : inputs) borrowed.release();  // the caller still owns these values
     return results;
+  }
+
+  // The autoencoder (when the model has one) and cross-K/V graphs on the encoder's output.
+  std::vector<Ort::Value> cross_kv(Ort::Value& states) {
+    if (!sessions_.count("autoencoder")) return run("cross_kv", {"memory"}, {&states});
+    std::vector<Ort::Value> memory = run("autoencoder", {"hidden_states"}, {&states});
+    return run("cross_kv", {"memory"}, {&memory[0]});
   }
 
   const Manifest& manifest() const { return manifest_; }
@@ -262,11 +298,22 @@ class OrtModel final : public Runtime {
     return static_cast<int64_t>(width);
   }
 
+  OrtModel& speculation_draft(const SearchSettings& settings) {
+    if (!draft_) {
+      throw Error(directory_ + " has no draft decoder; speculative decoding needs a pair export: "
+                  "cbart export FULL_CKPT --draft COMPRESSED_CKPT --out DIR");
+    }
+    if (settings.num_beams > 1) throw Error("speculative decoding is greedy; drop num_beams > 1, or speculative");
+    return *draft_;
+  }
+
+  std::string directory_;
   Manifest manifest_;
   Ort::Env env_;
   Ort::MemoryInfo memory_;
   std::map<std::string, Ort::Session> sessions_;
   std::unique_ptr<LogitScreen> screen_;
+  std::unique_ptr<OrtModel> draft_;
 };
 
 OrtDecoderSession::OrtDecoderSession(OrtModel& model, std::vector<Ort::Value>& cross, Ort::Value& mask,
@@ -288,11 +335,12 @@ void OrtDecoderSession::refine(std::vector<float>& scores) {
   model_.screen()->refine(scores, hidden_, residual_, rows_);
 }
 
-std::vector<float> OrtDecoderSession::run(const std::vector<int64_t>& tokens, bool exact) {
+std::vector<float> OrtDecoderSession::run(const std::vector<int64_t>& tokens, int64_t count, bool exact) {
   const Manifest& m = model_.manifest();
   const Ort::MemoryInfo& memory = model_.memory();
-  std::copy(tokens.begin(), tokens.end(), ids_.begin());
-  const std::vector<int64_t> ids_shape{rows_, 1}, logits_shape{rows_, 1, m.vocab_size};
+  ids_.assign(tokens.begin(), tokens.end());
+  logits_.resize(static_cast<size_t>(rows_ * count * m.vocab_size));
+  const std::vector<int64_t> ids_shape{rows_, count}, logits_shape{rows_, count, m.vocab_size};
   Ort::IoBinding binding(model_.session("decoder_step"));
   const std::vector<std::string>& inputs = m.inputs.at("decoder_step");
   const std::vector<std::string>& outputs = m.outputs.at("decoder_step");
@@ -301,14 +349,15 @@ std::vector<float> OrtDecoderSession::run(const std::vector<int64_t>& tokens, bo
   binding.BindInput(inputs[1].c_str(), mask_);
   for (int64_t i = 0; i < tensors_; ++i) {
     binding.BindInput(inputs[2 + i].c_str(), cache_.view(memory, side_, i, length_));
-    binding.BindOutput(outputs[1 + i].c_str(), cache_.view(memory, 1 - side_, i, length_ + 1));
+    binding.BindOutput(outputs[1 + i].c_str(), cache_.view(memory, 1 - side_, i, length_ + count));
   }
   for (size_t i = 0; i < cross_.size(); ++i) binding.BindInput(inputs[2 + tensors_ + i].c_str(), cross_[i]);
   if (inputs.back() == "exact_logits") {
     exact_logits_ = exact;
     binding.BindInput(inputs.back().c_str(), Ort::Value::CreateTensor<bool>(memory, &exact_logits_, 1, nullptr, 0));
   }
-  if (!exact) {  // the bound's inputs: the last two outputs, [rows, 1, width] each
+  if (!exact) {  // the bound's inputs: the last two outputs, [rows, count, width] each
+    if (count != 1) throw Error("internal error: screened steps take one token per row");
     const int64_t width = model_.screen()->width();
     const std::vector<int64_t> shape{rows_, 1, width};
     hidden_.resize(static_cast<size_t>(rows_ * width));
@@ -322,8 +371,15 @@ std::vector<float> OrtDecoderSession::run(const std::vector<int64_t>& tokens, bo
                                                                         logits_shape.data(), logits_shape.size()));
   model_.session("decoder_step").Run(Ort::RunOptions{nullptr}, binding);
   side_ = 1 - side_;
-  ++length_;
+  length_ += count;
   return logits_;
+}
+
+void OrtDecoderSession::truncate(int64_t length) {
+  if (length >= length_) return;
+  cache_.truncate(side_, length_, length);
+  side_ = 1 - side_;
+  length_ = length;
 }
 
 void OrtDecoderSession::reorder(const std::vector<int64_t>& rows) {

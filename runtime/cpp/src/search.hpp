@@ -6,6 +6,8 @@
 #include <optional>
 #include <vector>
 
+#include "cbart/runtime.hpp"
+
 namespace cbart {
 
 // Decoder state of one request. Rows are grouped by source: rows [n*K, (n+1)*K) decode source n.
@@ -22,6 +24,13 @@ class DecoderSession {
   virtual bool screened() const { return false; }
   virtual std::vector<float> step_screened(const std::vector<int64_t>& tokens) { return step(tokens); }
   virtual void refine(std::vector<float>& /*scores*/) {}
+  // Speculative decoding (speculative.cpp): feeds `count` tokens per row (rows x count, row-major) and
+  // returns the logits at every new position (rows x count x vocab); `truncate` keeps the first `length`
+  // positions of the self-attention cache (rejected proposals are dropped).
+  virtual std::vector<float> step_all(const std::vector<int64_t>& /*tokens*/, int64_t /*count*/) {
+    throw Error("this decoder session cannot verify several tokens per step");
+  }
+  virtual void truncate(int64_t /*length*/) { throw Error("this decoder session cannot drop cache positions"); }
 };
 
 struct SearchSettings {
@@ -39,5 +48,27 @@ using Rows = std::vector<std::vector<int64_t>>;
 void process_scores(std::vector<float>& scores, int64_t vocab, const Rows& sequences, const SearchSettings& settings);
 Rows greedy_search(DecoderSession& session, int64_t rows, const SearchSettings& settings);
 Rows beam_search(DecoderSession& session, int64_t sources, const SearchSettings& settings);
+
+// How many tokens the draft proposes per verification (runtime/speculative.py's DraftLength, rule for rule):
+// all accepted -> one more (up to `maximum`); none accepted -> one fewer; at zero, plain full-decoder steps
+// and a one-token probe after `probe_interval` of them, the interval doubling after each failed probe.
+class DraftLength {
+ public:
+  explicit DraftLength(int start = 2, int maximum = 8, bool adaptive = true, int probe_interval = 4,
+                       int max_probe_interval = 64);
+  int propose();
+  void update(int proposed, int accepted);
+  int current() const { return current_; }
+
+ private:
+  int start_, maximum_;
+  bool adaptive_;
+  int probe_interval_, max_probe_interval_;
+  int current_, wait_ = 0, interval_;
+};
+
+// The full model's greedy ids, `full` verifying what `draft` proposes (runtime/speculative.py's speculative_greedy).
+Rows speculative_greedy(DecoderSession& full, DecoderSession& draft, int64_t rows, const SearchSettings& settings,
+                        DraftLength& draft_length, SpeculationStats& stats);
 
 }  // namespace cbart

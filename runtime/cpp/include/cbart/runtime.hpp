@@ -31,6 +31,14 @@ struct GenerationOptions {
       num_return_sequences;
   std::optional<float> length_penalty, repetition_penalty;
   std::optional<std::string> early_stopping;  // "true", "false" or "never"
+  // A pair export (cbart export FULL --draft DRAFT), greedy only: the draft proposes, the full model verifies;
+  // the same token ids as plain greedy decoding. 0 adapts the proposals per verification; k > 0 fixes them.
+  std::optional<int> speculative;
+};
+
+// What a speculative generation's draft bought (runtime/speculative.py's SpeculationStats).
+struct SpeculationStats {
+  int64_t full_calls = 0, draft_calls = 0, proposed = 0, accepted = 0, steps = 0;
 };
 
 struct RuntimeOptions {
@@ -43,6 +51,7 @@ struct GenerationResult {
   std::vector<Sequence> sequences;  // num_return_sequences consecutive rows per input
   double encode_ms = 0.0;
   double decode_ms = 0.0;
+  std::optional<SpeculationStats> speculation;  // set by speculative generation
 };
 
 class Runtime {

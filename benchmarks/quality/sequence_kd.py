@@ -1,0 +1,56 @@
+"""Sequence-level distillation data: the training sources with the base model's own translations as targets.
+
+A draft for speculative decoding is accepted when it predicts the base model's *greedy* choices, so the
+targets are the base's greedy outputs (Kim & Rush (2016) use beam outputs for quality; greedy ones are
+what the verifier emits). They come from the base's fp32 export through the runtime -- fast and,
+being the export's verified greedy ids, identical to ``model.generate()`` -- and are cached in the work folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.quality import evaluation
+from benchmarks.quality.data import TranslationData
+from benchmarks.quality.translation import MAX_NEW_TOKENS
+
+CACHE = "base-train-greedy.json"
+BATCH = 64
+
+
+def as_labels(sequence: Sequence[int], decoder_start: int, pad: int) -> list[int]:
+    """A generated sequence (decoder start, tokens, EOS, pads) in the layout of tokenized targets."""
+    tokens = list(sequence[1:]) if sequence and sequence[0] == decoder_start else list(sequence)
+    while tokens and tokens[-1] == pad:
+        tokens.pop()
+    return tokens
+
+
+def base_translations(data: TranslationData, work: Path, threads: int) -> list[Any]:
+    """``data.train`` with the base model's greedy translations as labels (computed once, then read)."""
+    from compression.data import Example
+
+    cache = work / CACHE
+    if cache.is_file():
+        labels = json.loads(cache.read_text())
+    else:
+        print(f"[seqkd] translating {len(data.train)} training sources with the base model", flush=True)
+        runtime = evaluation.open_runtime(evaluation.export(work / "base", work / "exports" / "base-fp32"), threads)
+        tokens = runtime.manifest.tokens
+        order = sorted(range(len(data.train)), key=lambda i: len(data.train[i].input_ids))
+        found: dict[int, list[int]] = {}
+        for start in range(0, len(order), BATCH):
+            rows = order[start : start + BATCH]
+            ids = [data.train[i].input_ids for i in rows]
+            for row, sequence in zip(rows, runtime.generate(ids, max_new_tokens=MAX_NEW_TOKENS).sequences, strict=True):
+                found[row] = as_labels(sequence, tokens.decoder_start, tokens.pad)
+        labels = [found[i] for i in range(len(data.train))]
+        partial = cache.with_suffix(".partial")
+        partial.write_text(json.dumps(labels))
+        partial.replace(cache)
+    if len(labels) != len(data.train):
+        raise SystemExit(f"error: {cache} holds {len(labels)} targets for {len(data.train)} sources; delete it")
+    return [Example(example.input_ids, label) for example, label in zip(data.train, labels, strict=True)]
