@@ -99,11 +99,11 @@ def summarize(name: str, passes: list[dict[str, Any]], reference: list[dict[str,
 
 
 def trained_drafts(work: Path) -> list[str]:
-    """The stage-2 models ``python -m benchmarks.quality`` left in ``work`` (not the stage-1 autoencoders)."""
+    """The stage-2 models ``python -m benchmarks.quality`` finished in ``work`` (not stage 1, not runs in progress)."""
+    from benchmarks.quality.translation import RECORD
+
     return sorted(
-        path.name
-        for path in work.glob("compressed-*")
-        if (path / "config.json").is_file() and not path.name.endswith("-ae")
+        path.name for path in work.glob("compressed-*") if (path / RECORD).is_file() and not path.name.endswith("-ae")
     )
 
 

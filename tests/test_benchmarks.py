@@ -14,10 +14,11 @@ from benchmarks.quality import data as quality_data
 from benchmarks.quality import sequence_kd, stats
 from benchmarks.quality.run import check_recipe
 from benchmarks.quality.run import main as quality_main
-from benchmarks.quality.translation import QUICK
+from benchmarks.quality.translation import MAX_NEW_TOKENS, QUICK
 from benchmarks.speculative import main as speculative_main
 from compression.config import PAPER_GENERATION
 from compression.data import Example, load_tokenizer
+from runtime.generator import Seq2SeqRuntime
 
 
 def test_bare_bpe_folder_loads_as_the_bart_tokenizer(shared_data: Path) -> None:
@@ -130,7 +131,11 @@ def test_quality_quick_preset_trains_exports_scores_and_reuses(tmp_path: Path, s
     work = tmp_path / "work"
     assert quality_main([*arguments, "--train-only", "--variants", "seqkd", "--tasks", "translation"]) == 0
     targets = json.loads((work / sequence_kd.CACHE).read_text())
-    assert len(targets) == QUICK.train_rows and all(t[0] == 0 and t[-1] != 1 for t in targets)
+    assert len(targets) == QUICK.train_rows and all(t and t[-1] == 2 for t in targets)  # EOS-terminated
+    base = Seq2SeqRuntime.from_dir(work / "exports" / "base-fp32")
+    sources = [example.input_ids for example in quality_data.load_multi30k(QUICK.train_rows, 1).train[:3]]
+    greedy = base.generate(sources, max_new_tokens=MAX_NEW_TOKENS).sequences
+    assert targets[:3] == [sequence_kd.as_labels(ids, decoder_start=2, pad=1) for ids in greedy]
     assert (work / "compressed-32-seqkd" / "config.json").is_file()
     speculative = ["--work", str(work), "--sentences", "6", "--rounds", "1", "--skip-random", "--threads", "1"]
     assert speculative_main([*speculative, "--results", str(tmp_path / "speculative.json")]) == 0
