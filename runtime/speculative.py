@@ -171,7 +171,7 @@ def speculative_greedy(
 ) -> tuple[np.ndarray, SpeculationStats]:
     """The full model's greedy token ids [rows, length], ``full`` verifying what ``draft`` proposes."""
     if settings.do_sample or settings.num_beams > 1:
-        raise ValueError("speculative decoding is greedy: drop do_sample / num_beams > 1, or speculative=True")
+        raise ValueError("speculative decoding is greedy: drop do_sample / num_beams > 1, or drop speculative")
     controller = draft_length or DraftLength()
     stats = SpeculationStats()
     pad, eos = settings.pad_token_id, settings.eos_token_id
