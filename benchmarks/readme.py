@@ -234,8 +234,9 @@ def speculative_section(data: dict) -> str:
     captions = {
         "trained": f"Trained Multi30k pair, {data['trained']['sentences']} test sentences, "
         f"{data['trained']['rounds']} interleaved rounds:",
-        "random": "Random bart-base shapes (acceptance ~0: what adaptive drafting costs), "
-        f"{data.get('random', {}).get('new_tokens')} forced new tokens:",
+        "random": "Random-weight bart-base shapes, int8 compressed-384 draft, "
+        f"{data.get('random', {}).get('new_tokens')} forced new tokens (random BARTs mostly repeat their last "
+        "token, so the draft may agree: read the acceptance column):",
     }
     for key, caption in captions.items():
         if key not in data:
