@@ -157,13 +157,9 @@ def random_overhead(cache: Path, rounds: int, threads: int) -> dict[str, Any]:
     return {"probes": PROBES, "new_tokens": NEW_TOKENS, "rounds": rounds, "rows": rows}
 
 
-def machine() -> dict[str, Any]:
-    from benchmarks.quality.run import machine as quality_machine
-
-    return quality_machine()
-
-
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.quality.run import machine
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speculative", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="the work folder of python -m benchmarks.quality")
     parser.add_argument("--sentences", type=int, default=None, help="only the first N test sentences")

@@ -95,19 +95,22 @@ class TranslationData:
     validation_references: list[str]
     test_references: list[str]
 
-    def translate(self, split: str, batch: int, generate: Callable[[list[Any]], list[list[int]]]) -> list[str]:
-        """Detokenized outputs of ``generate(examples)`` over a split, in length-sorted batches, in split order.
+    def generate(self, split: str, batch: int, generate: Callable[[list[Any]], list[list[int]]]) -> list[list[int]]:
+        """``generate(examples)`` over a split in length-sorted batches; the outputs in split order.
 
         Sorting by length keeps padding (and wasted decoder rows) small; the order is restored after.
         """
         examples = getattr(self, split)
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-        texts: dict[int, str] = {}
+        outputs: dict[int, list[int]] = {}
         for start in range(0, len(order), batch):
             rows = order[start : start + batch]
-            for row, text in zip(rows, self.decode(generate([examples[i] for i in rows])), strict=True):
-                texts[row] = text
-        return [texts[i] for i in range(len(examples))]
+            outputs.update(zip(rows, generate([examples[i] for i in rows]), strict=True))
+        return [outputs[i] for i in range(len(examples))]
+
+    def translate(self, split: str, batch: int, generate: Callable[[list[Any]], list[list[int]]]) -> list[str]:
+        """Detokenized outputs of ``generate(examples)`` over a split, in split order (see ``generate``)."""
+        return self.decode(self.generate(split, batch, generate))
 
     def decode(self, sequences: Sequence[Sequence[int]]) -> list[str]:
         """Detokenized text of generated (trimmed-vocabulary) ids, as sacreBLEU expects."""

@@ -40,14 +40,13 @@ def base_translations(data: TranslationData, work: Path, threads: int) -> list[A
         print(f"[seqkd] translating {len(data.train)} training sources with the base model", flush=True)
         runtime = evaluation.open_runtime(evaluation.export(work / "base", work / "exports" / "base-fp32"), threads)
         tokens = runtime.manifest.tokens
-        order = sorted(range(len(data.train)), key=lambda i: len(data.train[i].input_ids))
-        found: dict[int, list[int]] = {}
-        for start in range(0, len(order), BATCH):
-            rows = order[start : start + BATCH]
-            ids = [data.train[i].input_ids for i in rows]
-            for row, sequence in zip(rows, runtime.generate(ids, max_new_tokens=MAX_NEW_TOKENS).sequences, strict=True):
-                found[row] = as_labels(sequence, tokens.decoder_start, tokens.pad)
-        labels = [found[i] for i in range(len(data.train))]
+
+        def generate(examples: list[Any]) -> list[list[int]]:
+            ids = [example.input_ids for example in examples]
+            return runtime.generate(ids, max_new_tokens=MAX_NEW_TOKENS).sequences
+
+        translations = data.generate("train", BATCH, generate)
+        labels = [as_labels(sequence, tokens.decoder_start, tokens.pad) for sequence in translations]
         partial = cache.with_suffix(".partial")
         partial.write_text(json.dumps(labels))
         partial.replace(cache)
