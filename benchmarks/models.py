@@ -14,13 +14,19 @@ HEADS = {256: 8, 128: 8}  # bart-base's 12 heads do not divide 256 or 128
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """``latent=None`` is the full bart-base; otherwise the compressed model with that latent width."""
+    """``latent=None`` is the full bart-base; otherwise the compressed model with that latent width.
+
+    ``varied``: untied output embeddings and a larger init (std 0.13), so that greedy decoding does not just
+    repeat the last token as a random BART with tied embeddings does; two such models then rarely agree.
+    """
 
     latent: int | None
+    varied: bool = False
 
     @property
     def name(self) -> str:
-        return "full" if self.latent is None else f"compressed-{self.latent}"
+        name = "full" if self.latent is None else f"compressed-{self.latent}"
+        return f"{name}-varied" if self.varied else name
 
 
 def checkpoint(spec: ModelSpec, cache: Path) -> Path:
@@ -33,10 +39,13 @@ def checkpoint(spec: ModelSpec, cache: Path) -> Path:
     path = cache / spec.name
     if (path / "config.json").is_file():
         return path
-    full = cache / "full"
+    full = cache / ModelSpec(None, spec.varied).name
     if not (full / "config.json").is_file():
         torch.manual_seed(0)
-        BartForConditionalGeneration(bart_base_config()).save_pretrained(full)
+        config = bart_base_config()
+        if spec.varied:
+            config.init_std, config.tie_word_embeddings = 0.13, False
+        BartForConditionalGeneration(config).save_pretrained(full)
     if spec.latent is not None:
         torch.manual_seed(spec.latent)
         base = BartForConditionalGeneration.from_pretrained(full)

@@ -1,17 +1,18 @@
 """Speculative decoding, measured: the trained Multi30k pair, and the overhead on random bart-base shapes.
 
-``python -m benchmarks.speculative --work ../quality-work`` (the models ``python -m benchmarks.quality``
-trained there). For every compressed draft found in the work folder, fp32 and int8, a pair export is
-written (``cbart export base --draft DRAFT``, verified at export) and every Multi30k test sentence is
-translated at batch 1, greedy, by the full fp32 model alone (``cbart:fp32``) and through each pair
-(``cbart:<draft precision>+spec``). Every speculative output is checked against the full model's,
+``cbart bench speculative --work ../quality-work`` (or ``python -m benchmarks.speculative``), on the models
+``python -m benchmarks.quality`` trained there. For every compressed draft found in the work folder, fp32
+and int8, a pair export is written (``cbart export base --draft DRAFT``, verified at export) and every
+Multi30k test sentence is translated at batch 1, greedy, by the full fp32 model alone (``cbart:fp32``)
+and through each pair (``cbart:<draft precision>+spec``). Every speculative output is checked against the full model's,
 sentence by sentence. Systems run in interleaved rounds in one process, so machine drift hits them
 alike; decode ms/token is the median over rounds of decode time / generated tokens.
 
-The random-weight section exports bart-base's shape with a random compressed-384 draft and times exactly
+The random-weight sections export bart-base's shape with a random compressed-384 draft and time exactly
 ``NEW_TOKENS`` tokens per probe with and without ``speculative=True``: the cost structure at real shapes.
-Random BARTs with tied embeddings mostly repeat their last token, so such a draft can agree often; the
-acceptance column says how often.
+Random BARTs with tied embeddings mostly repeat their last token, so such a draft agrees often (``random``);
+with untied embeddings and a larger init the draft never agrees (``random_never_agreeing``), which measures
+what adaptive drafting costs when it does not pay.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from benchmarks.quality.translation import MAX_NEW_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "int8")
-NEW_TOKENS = 32
+NEW_TOKENS = 64
 PROBES = 8
+RANDOM_SECTIONS = {"random": False, "random_never_agreeing": True}  # section -> ModelSpec.varied
 
 
 def pair_export(full: Path, draft: Path, out: Path, precision: str, threads: int) -> Path:
@@ -138,20 +140,25 @@ def trained_pair(work: Path, sentences: int | None, rounds: int, threads: int) -
     }
 
 
-def random_overhead(cache: Path, rounds: int, threads: int) -> dict[str, Any]:
-    """bart-base shapes, random compressed-384 int8 draft: adaptive drafting vs plain full decoding."""
+def random_pair(cache: Path, rounds: int, threads: int, varied: bool) -> dict[str, Any]:
+    """bart-base shapes, random compressed-384 int8 draft: adaptive drafting vs plain full decoding.
+
+    ``varied=False``: tied embeddings, both models repeat their last token, so the draft mostly agrees.
+    ``varied=True``: untied embeddings and a larger init, the draft never agrees: the overhead the adaptive
+    draft length leaves when drafting does not pay.
+    """
     import numpy as np
 
     from benchmarks.models import ModelSpec, checkpoint
     from runtime.generator import Seq2SeqRuntime
 
-    full, draft = checkpoint(ModelSpec(None), cache), checkpoint(ModelSpec(384), cache)
-    print("[speculative] random bart-base pair export (int8 draft)", flush=True)
-    pair = pair_export(full, draft, cache / "pair-full-compressed-384-int8", "int8", threads)
+    full, draft = checkpoint(ModelSpec(None, varied), cache), checkpoint(ModelSpec(384, varied), cache)
+    print(f"[speculative] random bart-base pair export {full.name} + {draft.name} (int8 draft)", flush=True)
+    pair = pair_export(full, draft, cache / f"pair-{full.name}-{draft.name}-int8", "int8", threads)
     runtime = Seq2SeqRuntime.from_dir(pair, threads=threads, check_files=False)
     rng = np.random.default_rng(0)
     sources = [[0, *rng.integers(4, 50000, 62).tolist(), 2] for _ in range(PROBES)]
-    systems = {"cbart:fp32": (runtime, False), "cbart:int8+spec / random compressed-384": (runtime, True)}
+    systems = {"cbart:fp32": (runtime, False), f"cbart:int8+spec / random {draft.name}": (runtime, True)}
     passes = interleaved(systems, sources, rounds, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     rows = [summarize(name, runs, passes["cbart:fp32"]) for name, runs in passes.items()]
     return {"probes": PROBES, "new_tokens": NEW_TOKENS, "rounds": rounds, "rows": rows}
@@ -160,7 +167,7 @@ def random_overhead(cache: Path, rounds: int, threads: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.quality.run import machine
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.speculative", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="cbart bench speculative", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="the work folder of python -m benchmarks.quality")
     parser.add_argument("--sentences", type=int, default=None, help="only the first N test sentences")
     parser.add_argument("--rounds", type=int, default=3)
@@ -171,18 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.time()
     results: dict[str, Any] = {
-        "command": "python -m benchmarks.speculative " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "cbart bench speculative " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
         "threads": args.threads,
         "trained": trained_pair(args.work, args.sentences, args.rounds, args.threads),
     }
     if not args.skip_random:
-        results["random"] = random_overhead(args.cache, max(args.rounds, 5), args.threads)
+        for section, varied in RANDOM_SECTIONS.items():
+            results[section] = random_pair(args.cache, max(args.rounds, 5), args.threads, varied)
     results["minutes"] = round((time.time() - started) / 60, 1)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=2) + "\n")
-    for section in ("trained", "random"):
+    for section in ("trained", *RANDOM_SECTIONS):
         for row in results.get(section, {}).get("rows", []):
             print(
                 f"{section:8s} {row['system']:45s} {row['decode_ms_per_token']['median']:.3f} ms/token  "

@@ -15,7 +15,13 @@ import numpy as np
 from runtime.backends.base import Backend, EncodedBatch, SharedEncoderBackend
 from runtime.manifest import Manifest, read_manifest
 from runtime.search import GenerationSettings, beam_search, greedy_or_sample
-from runtime.speculative import DraftLength, SpeculationStats, VerifyingSession, speculative_greedy
+from runtime.speculative import (
+    DraftLength,
+    SpeculationStats,
+    VerifyingSession,
+    speculative_greedy,
+    speculative_sample,
+)
 from runtime.tokenizer import TextTokenizer
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
@@ -217,9 +223,10 @@ class Seq2SeqRuntime:
         ``temperature``, ``seed``, ``num_return_sequences``. ``on_token`` (greedy and sampling)
         receives each step's new tokens, one per row.
 
-        ``speculative`` (a pair export, greedy only): the draft decoder proposes and the full decoder
-        verifies -- the same token ids as plain greedy decoding with the full model. ``True`` adapts
-        the number of proposals per verification (see ``DraftLength``); an int fixes it.
+        ``speculative`` (a pair export; greedy or sampling): the draft decoder proposes and the full
+        decoder verifies -- greedy gives the same token ids as plain greedy decoding with the full model,
+        sampling draws from the same distribution as plain sampling with it. ``True`` adapts the number
+        of proposals per verification (see ``DraftLength``); an int fixes it.
         """
         settings = self.settings(**generation)
         draft_length = self._draft_length(speculative, settings)
@@ -236,7 +243,7 @@ class Seq2SeqRuntime:
         session = self.backend.start(encoded, rows, settings.max_length)
         speculation = None
         if draft_length is not None:
-            output, speculation = self._speculate(session, encoded, settings, draft_length, on_token)
+            output, speculation = self._speculate(session, encoded, rows, settings, draft_length, on_token)
         elif settings.num_beams > 1:
             output = beam_search(session, encoded.sources, settings)
         else:
@@ -255,8 +262,8 @@ class Seq2SeqRuntime:
                 f"{self.directory} has no draft decoder; speculative decoding needs a pair export: "
                 "cbart export FULL_CKPT --draft COMPRESSED_CKPT --out DIR"
             )
-        if settings.num_beams > 1 or settings.do_sample:
-            raise ValueError("speculative decoding is greedy; drop num_beams > 1 / do_sample, or speculative")
+        if settings.num_beams > 1:
+            raise ValueError("speculative decoding is greedy search or sampling; drop num_beams > 1, or speculative")
         if speculative is True:
             return DraftLength()
         return DraftLength(start=int(speculative), maximum=max(int(speculative), 1), adaptive=False)
@@ -265,6 +272,7 @@ class Seq2SeqRuntime:
         self,
         session: Any,
         encoded: EncodedBatch,
+        rows_per_source: int,
         settings: GenerationSettings,
         draft_length: DraftLength,
         on_token: Callable[[np.ndarray], None] | None,
@@ -272,10 +280,11 @@ class Seq2SeqRuntime:
         assert self.draft is not None
         if encoded.draft is None:
             raise ValueError("encoded has no draft encoding; make it with this pair runtime's encode()")
-        draft = self.draft.start(encoded.draft, 1, settings.max_length)
+        draft = self.draft.start(encoded.draft, rows_per_source, settings.max_length)
         if not (isinstance(session, VerifyingSession) and isinstance(draft, VerifyingSession)):
             raise ValueError(f"the {type(session).__name__} backend cannot verify several tokens per step")
-        return speculative_greedy(session, draft, encoded.sources, settings, draft_length, on_token)
+        speculate = speculative_sample if settings.do_sample else speculative_greedy
+        return speculate(session, draft, encoded.sources * rows_per_source, settings, draft_length, on_token)
 
     def stream(self, inputs: Inputs, **generation: Any) -> Iterator[int]:
         """Yield the tokens of one greedy (or sampled) generation as they are produced."""

@@ -160,6 +160,17 @@ def _warp_for_sampling(scores: np.ndarray, settings: GenerationSettings) -> np.n
     return scores
 
 
+def sampling_distribution(scores: np.ndarray, settings: GenerationSettings) -> np.ndarray:
+    """The distribution sampling draws from [rows, vocab] (float64, rows sum to 1): processed scores, warped."""
+    probabilities = _softmax(_warp_for_sampling(scores, settings)).astype(np.float64)
+    return probabilities / probabilities.sum(axis=-1, keepdims=True)
+
+
+def sample_tokens(probabilities: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One token per row of ``probabilities`` [rows, vocab]."""
+    return np.array([rng.choice(len(p), p=p) for p in probabilities], dtype=np.int64)
+
+
 def _softmax(scores: np.ndarray) -> np.ndarray:
     shifted = scores - scores.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
@@ -198,9 +209,7 @@ def greedy_or_sample(
         else:
             scores = process_scores(session.step(sequences[:, -1:]), sequences, settings)
         if settings.do_sample:
-            probabilities = _softmax(_warp_for_sampling(scores, settings)).astype(np.float64)
-            probabilities /= probabilities.sum(axis=-1, keepdims=True)
-            tokens = np.array([rng.choice(len(p), p=p) for p in probabilities], dtype=np.int64)
+            tokens = sample_tokens(sampling_distribution(scores, settings), rng)
         else:
             tokens = scores.argmax(axis=-1).astype(np.int64)
         tokens = np.where(unfinished, tokens, settings.pad_token_id)

@@ -1,16 +1,19 @@
-"""Speculative greedy decoding: a cheap draft decoder proposes tokens, the full decoder verifies them.
+"""Speculative decoding: a cheap draft decoder proposes tokens, the full decoder verifies them.
 
 A compressed model is built on its base model's frozen encoder, so one encoder pass serves both
-decoders. Each iteration the draft proposes ``k`` tokens greedily, one step each; the full decoder
-then reads the last accepted token and the ``k`` proposals in *one* step (its step graph takes several
-new tokens under a causal mask) and yields its own greedy choice at every one of those ``k + 1``
-positions. The full model's choices are appended for as long as they equal the proposals, plus its
-choice at the first disagreement. Every appended token is therefore the full model's greedy token
-after the full model's own prefix: the output is exactly plain greedy decoding with the full model,
-whatever the draft proposes; the draft only decides how many tokens one full-decoder call yields.
+decoders. Each iteration the draft proposes ``k`` tokens, one step each; the full decoder then reads
+the last accepted token and the ``k`` proposals in *one* step (its step graph takes several new tokens
+under a causal mask) and yields its own choice at every one of those ``k + 1`` positions.
+
+Greedy (``speculative_greedy``): the full model's argmax is appended for as long as it equals the
+proposal, plus its choice at the first disagreement. Every appended token is therefore the full model's
+greedy token after the full model's own prefix: the output is exactly plain greedy decoding with the
+full model, whatever the draft proposes; the draft only decides how many tokens one full-decoder call
+yields. Sampling (``speculative_sample``): proposals are accepted or resampled so that every kept token
+is distributed as the full model's sampling distribution (see ``_SampledChoice``).
 
 Rows of a batch advance in lockstep (by the shortest accepted run among them), so the caches keep one
-length for all rows; rows that accepted more simply keep the full model's tokens, which equal the draft's.
+length for all rows; rows that accepted more keep their accepted tokens, which are the full model's too.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from runtime.lm_head_screen import LogitScreen
-from runtime.search import DecoderSession, GenerationSettings, process_scores
+from runtime.search import DecoderSession, GenerationSettings, process_scores, sample_tokens, sampling_distribution
 
 
 @runtime_checkable
@@ -137,28 +140,84 @@ class SpeculationStats:
         }
 
 
-class _FullChoices:
-    """The full model's greedy choice at each verified position, computed only up to the first rejection.
+class _GreedyChoice:
+    """Greedy speculation: the draft proposes its argmax; the full model's argmax decides every position.
 
-    ``screen``: the session's screened LM head, usable when every processor only masks or forces tokens.
+    The screen (the full session's screened LM head) needs every processor to mask or force tokens only:
+    no repetition penalty. It pays for a plain step (k = 0) and a one-token probe (k = 1, where at most two
+    positions are refined): at bart-base shapes a failed probe then costs the draft step plus ~2 ms instead
+    of ~8 ms. Over longer runs the exact head reads its weights once for all k + 1 positions, cheaper than
+    refining each position's candidates.
     """
 
-    def __init__(
-        self, session: VerifyingSession, tokens: np.ndarray, settings: GenerationSettings, screen: LogitScreen | None
-    ) -> None:
+    def __init__(self, full: VerifyingSession, settings: GenerationSettings) -> None:
         self.settings = settings
-        self.screen = screen
-        if screen is not None:
-            self.logits, self.hidden, self.residual = session.step_all_screened(tokens)  # type: ignore[attr-defined]
-        else:
-            self.logits = session.step_all(tokens)
+        screened = isinstance(full, ScreenedVerifyingSession) and settings.repetition_penalty == 1.0
+        self.screen: LogitScreen | None = full.screen if screened else None  # type: ignore[attr-defined]
 
-    def at(self, position: int, prefix: np.ndarray) -> np.ndarray:
+    def propose(self, scores: np.ndarray) -> np.ndarray:
+        return scores.argmax(axis=-1)
+
+    def verify(self, full: VerifyingSession, tokens: np.ndarray) -> None:
+        """One full-decoder call over ``tokens`` [rows, k + 1]: the last accepted token and k proposals."""
+        self.screened = self.screen is not None and tokens.shape[1] <= 2
+        if self.screened:
+            self.logits, self.hidden, self.residual = full.step_all_screened(tokens)  # type: ignore[attr-defined]
+        else:
+            self.logits = full.step_all(tokens)
+
+    def choose(self, position: int, prefix: np.ndarray, proposed: np.ndarray | None) -> np.ndarray:
         """The full model's token after ``prefix`` [rows, length], from the logits of ``position``."""
         scores = process_scores(self.logits[:, position], prefix, self.settings, owned=True)
-        if self.screen is not None:
+        if self.screened:
+            assert self.screen is not None
             scores = self.screen.refine(scores, self.hidden[:, position], self.residual[:, position])
         return scores.argmax(axis=-1).astype(np.int64)
+
+
+class _SampledChoice:
+    """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023): the draft samples each proposal ``x``
+    from its own distribution ``q``; the full model keeps ``x`` with probability min(1, p(x) / q(x)) and
+    otherwise samples from the residual max(0, p - q), renormalised. Either way the kept token is
+    distributed exactly as ``p`` -- the full model's sampling distribution (processors, then temperature,
+    top-k, top-p) after its prefix -- so the output is distributed as plain sampling with the full model.
+    """
+
+    def __init__(self, settings: GenerationSettings, rng: np.random.Generator) -> None:
+        self.settings = settings
+        self.rng = rng
+        self.proposing: list[np.ndarray] = []  # q at each proposal of the current iteration
+
+    def propose(self, scores: np.ndarray) -> np.ndarray:
+        q = sampling_distribution(scores, self.settings)
+        self.proposing.append(q)
+        return sample_tokens(q, self.rng)
+
+    def verify(self, full: VerifyingSession, tokens: np.ndarray) -> None:
+        self.logits = full.step_all(tokens)
+        self.q, self.proposing = self.proposing, []
+
+    def choose(self, position: int, prefix: np.ndarray, proposed: np.ndarray | None) -> np.ndarray:
+        scores = process_scores(self.logits[:, position], prefix, self.settings, owned=True)
+        p = sampling_distribution(scores, self.settings)
+        if proposed is None:  # past the last proposal: the full model's own sample
+            return sample_tokens(p, self.rng)
+        q = self.q[position]
+        rows = np.arange(len(proposed))
+        p_x, q_x = p[rows, proposed], q[rows, proposed]
+        ratio = np.divide(p_x, q_x, out=np.ones_like(p_x), where=q_x > 0)  # q_x = 0 only on finished rows
+        keep = self.rng.random(len(rows)) < ratio
+        tokens = proposed.astype(np.int64)
+        if not keep.all():
+            residual = np.maximum(p[~keep] - q[~keep], 0.0)
+            total = residual.sum(axis=-1, keepdims=True)
+            # total = 0 only when p equals q, where the proposal is always kept; guard rounding anyway
+            residual = np.where(total > 0, residual / np.where(total > 0, total, 1.0), p[~keep])
+            tokens[~keep] = sample_tokens(residual, self.rng)
+        return tokens
+
+
+_Choice = _GreedyChoice | _SampledChoice
 
 
 def speculative_greedy(
@@ -171,15 +230,38 @@ def speculative_greedy(
 ) -> tuple[np.ndarray, SpeculationStats]:
     """The full model's greedy token ids [rows, length], ``full`` verifying what ``draft`` proposes."""
     if settings.do_sample or settings.num_beams > 1:
-        raise ValueError("speculative decoding is greedy: drop do_sample / num_beams > 1, or drop speculative")
+        raise ValueError("speculative_greedy is greedy: drop do_sample / num_beams > 1, or use speculative_sample")
+    return _speculate(full, draft, rows, settings, _GreedyChoice(full, settings), draft_length, on_step)
+
+
+def speculative_sample(
+    full: VerifyingSession,
+    draft: VerifyingSession,
+    rows: int,
+    settings: GenerationSettings,
+    draft_length: DraftLength | None = None,
+    on_step: Callable[[np.ndarray], None] | None = None,
+) -> tuple[np.ndarray, SpeculationStats]:
+    """Token ids [rows, length] distributed as sampling with the full model (``settings.seed`` seeds it)."""
+    if not settings.do_sample or settings.num_beams > 1:
+        raise ValueError("speculative_sample samples: set do_sample=True with num_beams=1, or use speculative_greedy")
+    choice = _SampledChoice(settings, np.random.default_rng(settings.seed))
+    return _speculate(full, draft, rows, settings, choice, draft_length, on_step)
+
+
+def _speculate(
+    full: VerifyingSession,
+    draft: VerifyingSession,
+    rows: int,
+    settings: GenerationSettings,
+    choice: _Choice,
+    draft_length: DraftLength | None,
+    on_step: Callable[[np.ndarray], None] | None,
+) -> tuple[np.ndarray, SpeculationStats]:
+    """The loop both share: draft ``k`` tokens, verify them in one full call, keep up to the first rejection."""
     controller = draft_length or DraftLength()
     stats = SpeculationStats()
     pad, eos = settings.pad_token_id, settings.eos_token_id
-    # The screen needs every processor to mask or force tokens only: no repetition penalty. It pays for
-    # one position (a plain step at k = 0); over k + 1 positions the exact head reads its weights once
-    # for all of them, cheaper than refining each position's candidates.
-    screened = isinstance(full, ScreenedVerifyingSession) and settings.repetition_penalty == 1.0
-    screen = full.screen if screened else None  # type: ignore[attr-defined]
     sequences = np.full((rows, 1), settings.decoder_start_token_id, dtype=np.int64)
     unfinished = np.ones(rows, dtype=bool)
     draft_fed = 0  # tokens of ``sequences`` in the draft's cache; the full cache always holds all but the last
@@ -193,18 +275,20 @@ def speculative_greedy(
             logits = draft.step(proposal[:, draft_fed:])
             draft_fed = proposal.shape[1]
             scores = process_scores(logits, proposal, settings, owned=True)
-            tokens = np.where(proposing, scores.argmax(axis=-1), pad).astype(np.int64)
+            tokens = np.where(proposing, choice.propose(scores), pad).astype(np.int64)
             proposing &= tokens != eos
             proposal = np.concatenate([proposal, tokens[:, None]], axis=1)
         drafted = time.perf_counter()
-        choices = _FullChoices(full, proposal[:, length - 1 :], settings, screen if k == 0 else None)
+        choice.verify(full, proposal[:, length - 1 :])
         appended: list[np.ndarray] = []
         accepted = 0
         for position in range(k + 1):
-            tokens = np.where(unfinished, choices.at(position, proposal[:, : length + position]), pad)
+            proposed = proposal[:, length + position] if position < k else None
+            chosen = choice.choose(position, proposal[:, : length + position], proposed)
+            tokens = np.where(unfinished, chosen, pad)
             appended.append(tokens)
             unfinished &= tokens != eos
-            agrees = position < k and np.array_equal(tokens, proposal[:, length + position])
+            agrees = proposed is not None and np.array_equal(tokens, proposed)
             accepted += int(agrees)
             if not agrees or not unfinished.any():
                 break

@@ -189,7 +189,7 @@ def test_speculation_needs_a_pair_and_greedy(full, pairs, tmp_path):
     with pytest.raises(ValueError, match="has no draft decoder; speculative decoding needs a pair export"):
         Seq2SeqRuntime.from_dir(single).generate([[0, 5, 6, 2]], speculative=True)
     runtime = Seq2SeqRuntime.from_dir(pairs["itself"])
-    with pytest.raises(ValueError, match="speculative decoding is greedy"):
+    with pytest.raises(ValueError, match="speculative decoding is greedy search or sampling; drop num_beams"):
         runtime.generate([[0, 5, 6, 2]], num_beams=2, speculative=True)
     with pytest.raises(ValueError, match="draft length must be between 1"):
         runtime.generate([[0, 5, 6, 2]], speculative=0)
@@ -239,3 +239,86 @@ def test_encode_once_then_speculate_and_search(pairs, greedy):
     assert speculated.sequences == expected[0]
     assert runtime.generate(encoded=encoded, **SETTINGS[0]).sequences == expected[0]
     assert len(runtime.generate(encoded=encoded, num_beams=2, max_new_tokens=6).sequences) == len(batch)
+
+
+SAMPLING = {"do_sample": True, "top_k": 4, "temperature": 1.5, "max_new_tokens": 4}
+DRAWS = 600
+
+
+def _chi2_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square statistic's 0.1% critical value (Wilson-Hilferty; no scipy needed)."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def _pair_distribution(
+    model: BartForConditionalGeneration, source: list[int], settings
+) -> dict[tuple[int, int], float]:
+    """The exact joint distribution of the first two sampled tokens: the model's logits, processed and warped."""
+    from runtime.search import process_scores, sampling_distribution
+
+    ids = torch.tensor([source])
+    start = settings.decoder_start_token_id
+
+    def distribution(prefix: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            logits = model(input_ids=ids, decoder_input_ids=torch.tensor([prefix])).logits[:, -1].numpy()
+        return sampling_distribution(process_scores(logits, np.array([prefix]), settings), settings)[0]
+
+    first = distribution([start])
+    joint = {}
+    for a in np.flatnonzero(first):
+        second = distribution([start, int(a)])
+        joint.update({(int(a), int(b)): first[a] * second[b] for b in np.flatnonzero(second)})
+    return joint
+
+
+def _chi2(counts: dict[tuple[int, int], int], expected: dict[tuple[int, int], float], draws: int) -> tuple[float, int]:
+    """Pearson's statistic over cells expected >= 5 times (the rest pooled), and its degrees of freedom."""
+    cells = [(counts.get(cell, 0), draws * p) for cell, p in expected.items() if draws * p >= 5]
+    pooled_expected = draws - sum(e for _, e in cells)
+    pooled_observed = draws - sum(o for o, _ in cells)
+    if pooled_expected >= 5:
+        cells.append((pooled_observed, pooled_expected))
+    elif pooled_observed:
+        return float("inf"), len(cells) - 1  # tokens the distribution gives (almost) no mass
+    return sum((o - e) ** 2 / e for o, e in cells), len(cells) - 1
+
+
+@pytest.mark.parametrize("draft", ["noisy", "compressed"])
+def test_speculative_sampling_keeps_the_full_models_distribution(full, pairs, draft):
+    """Chi-square test of the first two sampled tokens against the full model's exact joint distribution
+    (draft "noisy": mostly accepted; "compressed": mostly resampled from the residual). The draft's own
+    distribution fails the same test, so the test can tell the two apart."""
+    model, _ = full
+    runtime = Seq2SeqRuntime.from_dir(pairs[draft])
+    source = [0, 17, 41, 9, 63, 2]
+    settings = runtime.settings(**SAMPLING)
+    expected = _pair_distribution(model, source, settings)
+    counts: dict[tuple[int, int], int] = {}
+    proposed = accepted = 0
+    for seed in range(DRAWS):
+        output = runtime.generate([source], speculative=2, seed=seed, **SAMPLING)
+        cell = tuple(output.sequences[0][1:3])
+        counts[cell] = counts.get(cell, 0) + 1
+        assert output.speculation is not None
+        proposed += output.speculation.proposed
+        accepted += output.speculation.accepted
+    statistic, df = _chi2(counts, expected, DRAWS)
+    assert df >= 3 and statistic < _chi2_critical(df), (statistic, df)
+    rate = accepted / proposed
+    assert (0.5 < rate < 0.98) if draft == "noisy" else rate < 0.5, rate
+    # the power check: the same samples are far from a different distribution
+    other = noisy_copy(model, 0.3)
+    statistic, df = _chi2(counts, _pair_distribution(other, source, settings), DRAWS)
+    assert statistic > 3 * _chi2_critical(df), statistic
+
+
+def test_speculative_sampling_is_seeded_and_returns_several_sequences(pairs):
+    runtime = Seq2SeqRuntime.from_dir(pairs["noisy"])
+    batch = [[0, 17, 41, 9, 2], [0, 5, 2]]
+    settings = {**SAMPLING, "max_new_tokens": 12, "num_return_sequences": 3}
+    first = runtime.generate(batch, speculative=True, seed=7, **settings)
+    assert first.sequences == runtime.generate(batch, speculative=True, seed=7, **settings).sequences
+    assert len(first.sequences) == 6
+    assert first.sequences != runtime.generate(batch, speculative=True, seed=8, **settings).sequences
+    assert first.speculation is not None and first.speculation.proposed > 0

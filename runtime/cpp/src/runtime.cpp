@@ -129,7 +129,10 @@ class OrtDecoderSession final : public DecoderSession {
   int64_t vocab() const override;
   bool screened() const override;
   std::vector<float> step_screened(const std::vector<int64_t>& tokens) override { return run(tokens, 1, false); }
-  void refine(std::vector<float>& scores) override;
+  std::vector<float> step_all_screened(const std::vector<int64_t>& tokens, int64_t count) override {
+    return run(tokens, count, false);
+  }
+  void refine(std::vector<float>& scores, int64_t position = 0) override;
   std::vector<float> step_all(const std::vector<int64_t>& tokens, int64_t count) override {
     return run(tokens, count, true);
   }
@@ -150,6 +153,7 @@ class OrtDecoderSession final : public DecoderSession {
   std::vector<float> logits_;
   bool exact_logits_ = true;             // the screened LM head's switch, when the export has one
   std::vector<float> hidden_, residual_;  // its bound's inputs, written by screened steps
+  int64_t screened_count_ = 1;            // new positions of the last screened step
 };
 
 class OrtModel final : public Runtime {
@@ -331,8 +335,19 @@ int64_t OrtDecoderSession::vocab() const { return model_.manifest().vocab_size; 
 
 bool OrtDecoderSession::screened() const { return model_.screen() != nullptr; }
 
-void OrtDecoderSession::refine(std::vector<float>& scores) {
-  model_.screen()->refine(scores, hidden_, residual_, rows_);
+void OrtDecoderSession::refine(std::vector<float>& scores, int64_t position) {
+  if (screened_count_ == 1) {
+    model_.screen()->refine(scores, hidden_, residual_, rows_);
+    return;
+  }
+  const int64_t width = model_.screen()->width();
+  std::vector<float> hidden(static_cast<size_t>(rows_ * width)), residual(hidden.size());
+  for (int64_t row = 0; row < rows_; ++row) {
+    const int64_t from = (row * screened_count_ + position) * width;
+    std::copy_n(hidden_.begin() + from, width, hidden.begin() + row * width);
+    std::copy_n(residual_.begin() + from, width, residual.begin() + row * width);
+  }
+  model_.screen()->refine(scores, hidden, residual, rows_);
 }
 
 std::vector<float> OrtDecoderSession::run(const std::vector<int64_t>& tokens, int64_t count, bool exact) {
@@ -357,10 +372,10 @@ std::vector<float> OrtDecoderSession::run(const std::vector<int64_t>& tokens, in
     binding.BindInput(inputs.back().c_str(), Ort::Value::CreateTensor<bool>(memory, &exact_logits_, 1, nullptr, 0));
   }
   if (!exact) {  // the bound's inputs: the last two outputs, [rows, count, width] each
-    if (count != 1) throw Error("internal error: screened steps take one token per row");
     const int64_t width = model_.screen()->width();
-    const std::vector<int64_t> shape{rows_, 1, width};
-    hidden_.resize(static_cast<size_t>(rows_ * width));
+    const std::vector<int64_t> shape{rows_, count, width};
+    screened_count_ = count;
+    hidden_.resize(static_cast<size_t>(rows_ * count * width));
     residual_.resize(hidden_.size());
     binding.BindOutput(outputs[outputs.size() - 2].c_str(),
                        Ort::Value::CreateTensor<float>(memory, hidden_.data(), hidden_.size(), shape.data(), 3));

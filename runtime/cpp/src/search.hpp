@@ -21,9 +21,14 @@ class DecoderSession {
   virtual int64_t vocab() const = 0;
   // Screened greedy search (exports with a screened LM head, see lm_head_screen.hpp): `step_screened`
   // returns approximate logits; after the masking processors, `refine` makes them argmax-exact.
+  // `step_all_screened` does the same at every new position (rows x count x vocab); `refine` then takes
+  // the position its scores come from.
   virtual bool screened() const { return false; }
   virtual std::vector<float> step_screened(const std::vector<int64_t>& tokens) { return step(tokens); }
-  virtual void refine(std::vector<float>& /*scores*/) {}
+  virtual std::vector<float> step_all_screened(const std::vector<int64_t>& tokens, int64_t count) {
+    return step_all(tokens, count);
+  }
+  virtual void refine(std::vector<float>& /*scores*/, int64_t /*position*/ = 0) {}
   // Speculative decoding (speculative.cpp): feeds `count` tokens per row (rows x count, row-major) and
   // returns the logits at every new position (rows x count x vocab); `truncate` keeps the first `length`
   // positions of the self-attention cache (rejected proposals are dropped).

@@ -77,8 +77,9 @@ Rows speculative_greedy(DecoderSession& full, DecoderSession& draft, int64_t row
                         DraftLength& draft_length, SpeculationStats& stats) {
   if (s.num_beams > 1) throw Error("speculative decoding is greedy; drop num_beams > 1, or speculative");
   const int64_t vocab = full.vocab();
-  // The screen needs every processor to mask or force tokens only: no repetition penalty. It pays for one
-  // position (a plain step at k = 0); over k + 1 positions the exact head serves all of them at once.
+  // The screen needs every processor to mask or force tokens only: no repetition penalty. It pays for a
+  // plain step (k = 0) and a one-token probe (k = 1); over longer runs the exact head serves all k + 1
+  // positions at once, cheaper than refining each.
   const bool screened = full.screened() && s.repetition_penalty == 1.0f;
   Rows sequences(static_cast<size_t>(rows), std::vector<int64_t>{s.decoder_start});
   std::vector<bool> unfinished(static_cast<size_t>(rows), true);
@@ -101,14 +102,15 @@ Rows speculative_greedy(DecoderSession& full, DecoderSession& draft, int64_t row
       }
     }
     const std::vector<int64_t> fed = tokens_from(proposal, length - 1);
-    const bool use_screen = screened && k == 0;
-    const std::vector<float> logits = use_screen ? full.step_screened(fed) : full.step_all(fed, k + 1);
+    const bool use_screen = screened && k <= 1;
+    const std::vector<float> logits =
+        use_screen ? full.step_all_screened(fed, k + 1) : full.step_all(fed, k + 1);
     Rows appended;  // per position, one token per row
     int accepted = 0;
     for (int position = 0; position <= k; ++position) {
-      std::vector<float> scores = use_screen ? logits : at_position(logits, rows, k + 1, vocab, position);
+      std::vector<float> scores = at_position(logits, rows, k + 1, vocab, position);
       process_scores(scores, vocab, prefixes(proposal, length + position), s);
-      if (use_screen) full.refine(scores);
+      if (use_screen) full.refine(scores, position);
       std::vector<int64_t> tokens(static_cast<size_t>(rows));
       bool agrees = position < k, any = false;
       for (int64_t row = 0; row < rows; ++row) {
