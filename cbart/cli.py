@@ -1,4 +1,8 @@
-"""The ``cbart`` command line: one subcommand per job, each a thin layer over the library API."""
+"""The ``cbart`` command line: one subcommand per job, each a thin layer over the library API.
+
+Each subcommand imports only what it needs, inside its function: ``cbart generate`` runs on the ONNX
+Runtime backend without importing torch (its start-up is then the runtime's, not torch's ~3 s).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from compression.config import PAPER_GENERATION
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +175,7 @@ def cmd_train_ae(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from compression.config import PAPER_GENERATION
     from compression.data import load_records, tokenize_classification, tokenize_seq2seq
     from compression.training import Seq2SeqEvaluation, train_classifier, train_decoder
 
@@ -588,13 +591,20 @@ def build_parser() -> argparse.ArgumentParser:
         const=0,
         default=None,
         metavar="K",
-        help="a pair export (export --draft): the draft proposes, the full model verifies; same output as greedy. "
-        "K fixes the proposals per verification (default: adaptive)",
+        help="a pair export (export --draft): the draft proposes, the full model verifies; the same output as "
+        "greedy search (with --do-sample: the same distribution as sampling). K fixes the proposals per "
+        "verification (default: adaptive)",
     )
     generate.set_defaults(run=cmd_generate)
 
-    # `cbart bench ...` is forwarded to benchmarks.latency before parsing (see main); listed here for --help.
-    commands.add_parser("bench", help="latency benchmark, side by side (cbart bench --help)", add_help=False)
+    # `cbart bench ...` is forwarded to benchmarks.latency (`cbart bench speculative ...` to
+    # benchmarks.speculative) before parsing (see main); listed here for --help.
+    commands.add_parser(
+        "bench",
+        help="latency benchmark, side by side (cbart bench --help); speculative decoding on a trained pair "
+        "(cbart bench speculative --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -621,21 +631,40 @@ def _add_latent_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "speculative"]:
+        from benchmarks.speculative import main as speculative_main
+
+        return speculative_main(argv[2:])
     if argv[:1] == ["bench"]:
         from benchmarks.latency import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from compression.checkpoint import CheckpointError
-    from exporter.export import ExportError
-    from runtime.manifest import ExportDirectoryError
-
     try:
         return int(args.run(args))
-    except (CheckpointError, ExportError, ExportDirectoryError, FileNotFoundError, KeyError, ValueError) as error:
+    except Exception as error:
+        if not isinstance(error, _input_errors()):
+            raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input (one line on stderr, exit status 2).
+
+    Only from modules this run imported: an error type cannot have been raised before its module was
+    loaded, and importing ``compression`` just to catch its error would import torch.
+    """
+    errors: list[type[Exception]] = [FileNotFoundError, KeyError, ValueError]
+    for module, name in (
+        ("compression.checkpoint", "CheckpointError"),
+        ("exporter.export", "ExportError"),
+        ("runtime.manifest", "ExportDirectoryError"),
+    ):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 if __name__ == "__main__":

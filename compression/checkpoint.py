@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from compression.config import CompressedBartConfig
+from compression.model_card import CARD_FILE, model_card
 from compression.modeling import (
     CompressedBartForConditionalGeneration,
     CompressedBartForSequenceClassification,
@@ -70,10 +71,16 @@ def save_checkpoint(
     extra_files: dict[str, bytes] | None = None,
     keep: tuple[str, ...] = (),
 ) -> Path:
-    """Write a loadable checkpoint atomically (temp dir, then rename)."""
+    """Write a loadable checkpoint atomically (temp dir, then rename).
+
+    A compressed model's checkpoint also holds its model card (``README.md``) and, through
+    ``save_pretrained``, the code that loads it with ``trust_remote_code=True`` (see ``compression/__init__``).
+    """
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
+        if isinstance(model.config, CompressedBartConfig):
+            (tmp / CARD_FILE).write_text(model_card(model, training_state), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if training_state is not None:

@@ -13,9 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
     BartForConditionalGeneration,
     BartForSequenceClassification,
     BartModel,
@@ -29,8 +26,10 @@ from transformers.models.bart.modeling_bart import (
     BartScaledWordEmbedding,
 )
 
-from compression.autoencoder import ProjectionStack
-from compression.config import CompressedBartConfig
+# Relative imports: transformers copies this file and the two it imports into every saved checkpoint
+# (see compression/__init__.py), where they load with trust_remote_code=True and without cbart.
+from .autoencoder import ProjectionStack
+from .config import CompressedBartConfig
 
 
 class CompressingEncoder(nn.Module):
@@ -143,8 +142,3 @@ class CompressedBartForSequenceClassification(BartForSequenceClassification):
 
 def _count(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
-
-
-AutoConfig.register(CompressedBartConfig.model_type, CompressedBartConfig)
-AutoModelForSeq2SeqLM.register(CompressedBartConfig, CompressedBartForConditionalGeneration)
-AutoModelForSequenceClassification.register(CompressedBartConfig, CompressedBartForSequenceClassification)

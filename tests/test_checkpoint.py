@@ -26,9 +26,13 @@ def test_save_and_load_round_trip(tmp_path: Path, variant: str):
     model = tiny_compressed(variant)
     save_checkpoint(model, tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "README.md",  # the model card
+        "autoencoder.py",  # the code transformers loads with trust_remote_code=True
         "config.json",
+        "config.py",
         "generation_config.json",
         "model.safetensors",
+        "modeling.py",
     ]
     loaded = load_compressed_model(tmp_path / "ckpt")
     assert loaded.config.latent_sizes == [24, 16] and loaded.config.autoencoder_variant == variant
@@ -195,3 +199,72 @@ def test_a_pickle_that_would_run_code_is_refused_unless_trusted(tmp_path: Path):
     with pytest.raises(CheckpointError, match="unpickling them would run code"):
         load_training_state(state)
     assert not marker.exists()
+
+
+_WITHOUT_CBART = """
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"cbart", "compression", "exporter", "runtime", "benchmarks"}:
+            raise ImportError(f"{name} is blocked: this process must load the checkpoint without cbart")
+sys.meta_path.insert(0, Block())
+import torch
+import transformers
+directory, task = sys.argv[1], sys.argv[2]
+auto = getattr(transformers, task)
+model = auto.from_pretrained(directory, trust_remote_code=True).eval()
+ids = torch.tensor([[0, 5, 17, 33, 9, 2]])
+with torch.no_grad():
+    if task == "AutoModelForSeq2SeqLM":
+        print(json.dumps(model.generate(input_ids=ids, max_new_tokens=8, num_beams=1).tolist()))
+    else:
+        print(json.dumps(model(input_ids=ids).logits.tolist()))
+"""
+
+
+@pytest.mark.parametrize("task", ["seq2seq", "classification"])
+def test_transformers_loads_a_checkpoint_without_cbart(tmp_path: Path, task: str):
+    """The code saved with the checkpoint (auto_map) loads it in a process where cbart cannot be imported."""
+    import subprocess
+    import sys
+
+    model = tiny_compressed(seed=3)
+    auto = "AutoModelForSeq2SeqLM"
+    if task == "classification":
+        from compression.training.stages import to_classifier
+
+        model, auto = to_classifier(model, num_labels=3).eval(), "AutoModelForSequenceClassification"
+    save_checkpoint(model, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "config.CompressedBartConfig", auto: f"modeling.{type(model).__name__}"}
+    completed = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_CBART, str(tmp_path / "ckpt"), auto],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    ids = torch.tensor([[0, 5, 17, 33, 9, 2]])
+    with torch.no_grad():
+        if task == "seq2seq":
+            expected = model.generate(input_ids=ids, max_new_tokens=8, num_beams=1).tolist()
+            assert json.loads(completed.stdout.splitlines()[-1]) == expected
+        else:
+            logits = torch.tensor(json.loads(completed.stdout.splitlines()[-1]))
+            torch.testing.assert_close(logits, model(input_ids=ids).logits)
+
+
+def test_checkpoint_carries_a_model_card(tmp_path: Path):
+    model = tiny_compressed()
+    save_checkpoint(model, tmp_path / "fresh")
+    card = (tmp_path / "fresh" / "README.md").read_text()
+    assert "Autoencoder (paper): 32 → 24 → 16" in card and "width 16, 4 heads" in card
+    assert "Not trained by cbart yet" in card and 'from_pretrained("THIS_DIRECTORY", trust_remote_code=True)' in card
+    state = {"step": 40, "epoch": 2, "evaluations": [{"bleu": 10.0}, {"bleu": 12.25, "loss": 2.5}]}
+    save_checkpoint(model, tmp_path / "trained", training_state=state)
+    card = (tmp_path / "trained" / "README.md").read_text()
+    assert "Optimizer steps: 40, epoch 2." in card and "Latest evaluation: bleu 12.25, loss 2.5." in card
+    base = BartForConditionalGeneration(tiny_bart_config())
+    save_checkpoint(base, tmp_path / "base")
+    assert not (tmp_path / "base" / "README.md").exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -252,6 +254,11 @@ def test_speculative_pair_from_the_command_line(tmp_path, base_with_tokenizer, c
     assert main(["generate", str(pair), text, "--max-new-tokens", "12", "--speculative"]) == 0
     assert main(["generate", str(pair), text, "--max-new-tokens", "12", "--speculative", "2"]) == 0
     assert capsys.readouterr().out == plain * 2
+    sampled = [text, "--max-new-tokens", "12", "--do-sample", "--top-k", "5", "--seed", "3", "--speculative"]
+    assert main(["generate", str(pair), *sampled]) == 0
+    assert main(["generate", str(pair), *sampled]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == second  # seeded
     for wrong, message in (
         (["--quantize", "int8"], "with --draft use --draft-quantize int8"),
         (["--to", "trt"], "--draft (speculative pairs) writes ONNX exports only"),
@@ -262,3 +269,20 @@ def test_speculative_pair_from_the_command_line(tmp_path, base_with_tokenizer, c
     assert main(single) == 2
     assert "--draft-quantize applies to the draft of a speculative pair" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_generate_never_imports_torch(tmp_path, base_with_tokenizer):
+    """`cbart generate` on the ONNX Runtime backend starts without torch, error path included."""
+    export = tmp_path / "onnx"
+    assert main(["export", str(base_with_tokenizer), "--out", str(export), "--no-progress", "--no-verify"]) == 0
+    script = (
+        "import sys\n"
+        "from cbart.cli import main\n"
+        f"codes = [main(['generate', {str(export)!r}, 'A man on a ladder.', '--max-new-tokens', '6']),\n"
+        f"         main(['generate', {str(tmp_path / 'missing')!r}, 'x'])]\n"
+        "assert codes == [0, 2], codes\n"
+        "assert 'torch' not in sys.modules and 'compression' not in sys.modules, 'torch was imported'\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert "error:" in completed.stderr and "missing" in completed.stderr

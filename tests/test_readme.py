@@ -22,3 +22,33 @@ def test_python_api_example_runs(tmp_path: Path):
         os.chdir(cwd)
     assert namespace["model"].config.latent_sizes == [576, 480, 384]
     assert (tmp_path / "bart-384" / "model.safetensors").is_file()
+
+
+def test_seq2seq_trainer_recipe_runs_and_trains_only_the_decoder(tmp_path: Path, bart_tokenizer, shared_data: Path):
+    """The README's Seq2SeqTrainer recipe, on a tiny compressed model and 32 Multi30k pairs."""
+    import torch
+    from conftest import tiny_compressed
+
+    from compression import load_compressed_model, save_checkpoint
+
+    model = tiny_compressed(vocab_size=len(bart_tokenizer), positions=160)
+    save_checkpoint(model, tmp_path / "compressed-ckpt", bart_tokenizer)
+    rows = (shared_data / "multi30k" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:32]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    text = README.read_text()
+    section = text[text.index("**Stage 2 with `Seq2SeqTrainer`.**") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 -- the point is to run the docs
+    finally:
+        os.chdir(cwd)
+    trained = load_compressed_model(tmp_path / "compressed-stage2")
+    before, after = model.state_dict(), trained.state_dict()
+    frozen = [name for name in before if name.startswith("model.encoder.")]
+    decoder = [name for name in before if name.startswith("model.decoder.layers.")]
+    assert any("running_mean" in name for name in frozen)  # the paper autoencoder's BatchNorm statistics
+    for name in frozen:
+        assert torch.equal(before[name], after[name]), f"{name} changed, but the encoder side is frozen"
+    assert sum(not torch.equal(before[name], after[name]) for name in decoder) == len(decoder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +38,22 @@ AUTOENCODER_FILE = "autoencoder.safetensors"
 CompressedModel = CompressedBartForConditionalGeneration | CompressedBartForSequenceClassification
 
 
+def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    """``train()`` of a frozen module: eval mode whatever ``mode`` -- transformers' Trainer calls
+    ``model.train()`` every step, which would otherwise turn on the frozen part's dropout and let the
+    ``paper`` autoencoder's BatchNorm update its running statistics."""
+    return nn.Module.train(module, False)
+
+
 def _set_trainable(module: nn.Module, trainable: bool) -> None:
     module.requires_grad_(trainable)
-    module.train(trainable)
+    if trainable:
+        for child in module.modules():
+            child.__dict__.pop("train", None)  # drop a frozen part's pinned eval mode
+        module.train(True)
+    else:
+        module.train(False)
+        module.train = types.MethodType(_stay_in_eval, module)  # type: ignore[method-assign]
 
 
 def _pad_source_to(model: CompressedModel, compressor_trains: bool) -> int | None:
@@ -249,7 +263,7 @@ def train_decoder(
     ``evaluation_callback`` replaces the ``evaluation`` scoring when a caller scores its own way.
     """
     model.to(args.device)
-    _freeze_for_stage2(model, train_encoder, train_compressor)
+    freeze_for_stage2(model, train_encoder, train_compressor)
     smoothing = args.label_smoothing
     if distillation is None:
 
@@ -346,7 +360,7 @@ def train_classifier(
 ) -> TrainResult:
     """Stage 2 for classification: the decoder and a BART classification head on its EOS state."""
     model.to(args.device)
-    _freeze_for_stage2(model, train_encoder, train_compressor)
+    freeze_for_stage2(model, train_encoder, train_compressor)
     evaluate = (lambda: classification_accuracy(model, held_out, args.batch_size)) if held_out else None
     return fit(
         list(model.parameters()),
@@ -383,7 +397,9 @@ def classification_accuracy(
     return accuracy(predictions, [int(example.labels) for example in examples])  # type: ignore[arg-type]
 
 
-def _freeze_for_stage2(model: CompressedModel, train_encoder: bool, train_compressor: bool) -> None:
+def freeze_for_stage2(model: CompressedModel, train_encoder: bool = False, train_compressor: bool = False) -> None:
+    """Stage 2's trainable set: the decoder (and head) train; the encoder and compressor stay frozen and in
+    eval mode, also when a training loop calls ``model.train()`` (e.g. transformers' ``Seq2SeqTrainer``)."""
     _set_trainable(model, True)
     _set_trainable(model.model.encoder.base, train_encoder)
     _set_trainable(model.model.encoder.compressor, train_compressor)

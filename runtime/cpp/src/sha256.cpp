@@ -1,9 +1,11 @@
+// SHA-256 through OpenSSL's EVP interface: its hand-tuned (SHA-NI / AVX2) code hashes a 1 GB export in about
+// a second, where a portable byte-at-a-time loop took several.
 #include "sha256.hpp"
 
-#include <array>
-#include <cstdint>
+#include <openssl/evp.h>
+
 #include <cstdio>
-#include <fstream>
+#include <memory>
 #include <vector>
 
 #include "cbart/runtime.hpp"
@@ -11,96 +13,53 @@
 namespace cbart {
 namespace {
 
-constexpr std::array<uint32_t, 64> kRound = {
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+using DigestContext = std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)>;
 
-uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
-
-class Sha256 {
- public:
-  void update(const unsigned char* data, size_t size) {
-    for (size_t i = 0; i < size; ++i) {
-      block_[fill_++] = data[i];
-      if (fill_ == 64) {
-        compress();
-        fill_ = 0;
-      }
-    }
-    bits_ += static_cast<uint64_t>(size) * 8;
+DigestContext start_digest() {
+  DigestContext context(EVP_MD_CTX_new(), &EVP_MD_CTX_free);
+  if (!context || EVP_DigestInit_ex(context.get(), EVP_sha256(), nullptr) != 1) {
+    throw Error("OpenSSL could not start a SHA-256 digest");
   }
+  return context;
+}
 
-  std::string hex() {
-    uint64_t bits = bits_;
-    unsigned char pad = 0x80;
-    update(&pad, 1);
-    unsigned char zero = 0;
-    while (fill_ != 56) update(&zero, 1);
-    unsigned char length[8];
-    for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>(bits >> (56 - 8 * i));
-    update(length, 8);
-    std::string out;
-    char buffer[9];
-    for (uint32_t word : state_) {
-      std::snprintf(buffer, sizeof(buffer), "%08x", word);
-      out += buffer;
-    }
-    return out;
+void update(EVP_MD_CTX* context, const void* data, size_t size) {
+  if (EVP_DigestUpdate(context, data, size) != 1) throw Error("OpenSSL SHA-256 update failed");
+}
+
+std::string finish_hex(EVP_MD_CTX* context) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int size = 0;
+  if (EVP_DigestFinal_ex(context, digest, &size) != 1) throw Error("OpenSSL SHA-256 final failed");
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  out.reserve(2 * size);
+  for (unsigned int i = 0; i < size; ++i) {
+    out.push_back(hex[digest[i] >> 4]);
+    out.push_back(hex[digest[i] & 0xf]);
   }
-
- private:
-  void compress() {
-    uint32_t w[64];
-    for (int i = 0; i < 16; ++i)
-      w[i] = (uint32_t(block_[4 * i]) << 24) | (uint32_t(block_[4 * i + 1]) << 16) |
-             (uint32_t(block_[4 * i + 2]) << 8) | uint32_t(block_[4 * i + 3]);
-    for (int i = 16; i < 64; ++i) {
-      uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
-      uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
-      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
-    }
-    uint32_t a = state_[0], b = state_[1], c = state_[2], d = state_[3];
-    uint32_t e = state_[4], f = state_[5], g = state_[6], h = state_[7];
-    for (int i = 0; i < 64; ++i) {
-      uint32_t t1 = h + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + kRound[i] + w[i];
-      uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
-      h = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
-    }
-    state_[0] += a; state_[1] += b; state_[2] += c; state_[3] += d;
-    state_[4] += e; state_[5] += f; state_[6] += g; state_[7] += h;
-  }
-
-  std::array<uint32_t, 8> state_ = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                                    0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-  unsigned char block_[64] = {};
-  size_t fill_ = 0;
-  uint64_t bits_ = 0;
-};
+  return out;
+}
 
 }  // namespace
 
 std::string sha256_hex(const std::string& data) {
-  Sha256 hash;
-  hash.update(reinterpret_cast<const unsigned char*>(data.data()), data.size());
-  return hash.hex();
+  DigestContext context = start_digest();
+  update(context.get(), data.data(), data.size());
+  return finish_hex(context.get());
 }
 
 std::string sha256_file(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
+  std::unique_ptr<FILE, decltype(&std::fclose)> file(std::fopen(path.c_str(), "rb"), &std::fclose);
   if (!file) throw Error("cannot read " + path);
-  Sha256 hash;
-  std::vector<char> buffer(1 << 20);
-  while (file) {
-    file.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
-    hash.update(reinterpret_cast<const unsigned char*>(buffer.data()), static_cast<size_t>(file.gcount()));
+  DigestContext context = start_digest();
+  std::vector<char> buffer(size_t{1} << 20);
+  size_t read = 0;
+  while ((read = std::fread(buffer.data(), 1, buffer.size(), file.get())) > 0) {
+    update(context.get(), buffer.data(), read);
   }
-  return hash.hex();
+  if (std::ferror(file.get())) throw Error("error while reading " + path);
+  return finish_hex(context.get());
 }
 
 }  // namespace cbart
