@@ -11,7 +11,7 @@ The table reports ROUGE on the test split, decoder parameters and the ROUGE-1 ch
 full model (the paper: -4.5% at latent 384). The real run needs the hub (``facebook/bart-base``,
 ``cnn_dailymail`` 3.0.0) and a GPU::
 
-    python -m benchmarks.cnn_dailymail --device cuda --mixed-precision bf16
+    python -m cbart.benchmarks.cnn_dailymail --device cuda --mixed-precision bf16
 
 ``--smoke`` runs the same code end to end in minutes on a CPU, with no download: a tiny random BART
 (latent sizes scaled to its width), the real BART tokenizer, and the 250 CNN/DM test pairs in
@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from compression.config import PAPER_GENERATION
+from cbart.compression.config import PAPER_GENERATION
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CBART_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -105,7 +105,7 @@ def tiny_base(tokenizer: Any) -> Any:
 
 def latent_sizes(latent: int, width: int) -> tuple[int, ...]:
     """The paper's projection sizes for ``latent``, scaled from bart-base's 768 to ``width``."""
-    from compression.build import PAPER_LATENT_SIZES
+    from cbart.compression.build import PAPER_LATENT_SIZES
 
     if latent not in PAPER_LATENT_SIZES:
         raise ValueError(f"the paper's latent sizes are {sorted(PAPER_LATENT_SIZES)}, not {latent}")
@@ -114,11 +114,10 @@ def latent_sizes(latent: int, width: int) -> tuple[int, ...]:
 
 def run(protocol: Protocol, work: Path, device: str, mixed_precision: str, progress: bool) -> list[dict[str, Any]]:
     import torch
-
-    from compression import build_from_base
-    from compression.build import load_base_model
-    from compression.data import load_records, load_tokenizer, tokenize_seq2seq
-    from compression.training import (
+    from cbart.compression import build_from_base
+    from cbart.compression.build import load_base_model
+    from cbart.compression.data import load_records, load_tokenizer, tokenize_seq2seq
+    from cbart.compression.training import (
         Seq2SeqEvaluation,
         TrainingArguments,
         evaluate_generation,

@@ -12,7 +12,7 @@
 
 The variants of each choice run alternately in one process, so drift hits them alike.
 
-    python -m benchmarks.graph_choices
+    python -m cbart.benchmarks.graph_choices
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from benchmarks.models import ModelSpec, checkpoint
-from benchmarks.worker import source_ids
+from cbart.benchmarks.models import ModelSpec, checkpoint
+from cbart.benchmarks.worker import source_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,8 +42,8 @@ def _timed(function, repeats: int) -> list[float]:
 
 def _variant_runtimes(spec: ModelSpec, cache: Path, variants: dict[str, dict[str, Any]], threads: int) -> dict:
     """One runtime per export variant (``ExportOptions`` overrides), exported once into ``cache``."""
-    from exporter.export import ExportOptions, export_onnx
-    from runtime.generator import Seq2SeqRuntime
+    from cbart.exporter.export import ExportOptions, export_onnx
+    from cbart.runtime.generator import Seq2SeqRuntime
 
     runtimes = {}
     for label, overrides in variants.items():
@@ -139,11 +138,10 @@ def decoder_attention(cache: Path, threads: int, repeats: int) -> dict[str, floa
 
 def beam_sharing(cache: Path, threads: int, repeats: int, beams: int = 4) -> dict[str, float]:
     import onnxruntime as ort
-
-    from benchmarks.models import onnx_export
-    from runtime.backends.base import EncodedBatch
-    from runtime.generator import Seq2SeqRuntime
-    from runtime.search import beam_search
+    from cbart.benchmarks.models import onnx_export
+    from cbart.runtime.backends.base import EncodedBatch
+    from cbart.runtime.generator import Seq2SeqRuntime
+    from cbart.runtime.search import beam_search
 
     runtime = Seq2SeqRuntime.from_dir(onnx_export(ModelSpec(384), cache), threads=threads, check_files=False)
     settings = runtime.settings(num_beams=beams, min_new_tokens=64, max_new_tokens=64)

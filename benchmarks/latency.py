@@ -1,4 +1,4 @@
-"""Latency comparison, side by side in one run (``cbart bench`` / ``python -m benchmarks.latency``).
+"""Latency comparison, side by side in one run (``cbart bench`` / ``python -m cbart.benchmarks.latency``).
 
 Every (system, model) pair runs in a fresh process per round, rounds interleaved (A B A B ...),
 so machine drift hits all systems alike; results are medians with min/max. Each process warms up
@@ -23,8 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks.models import ModelSpec, checkpoint, decoder_step_bytes, onnx_export, tensorrt_export
-from benchmarks.plotting import pyplot
+from cbart.benchmarks.models import ModelSpec, checkpoint, decoder_step_bytes, onnx_export, tensorrt_export
+from cbart.benchmarks.plotting import pyplot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ class SystemUnavailable(RuntimeError):
 
 def prepare(engine: Engine, cache: Path, peer_python: str, cells: list[Cell]) -> Path:
     if engine.system == "cbart-trt":
-        from runtime.trt_support import TensorRTUnavailable
+        from cbart.runtime.trt_support import TensorRTUnavailable
 
         try:
             return tensorrt_export(engine.model, cache, engine.precision, cells)
@@ -182,7 +182,7 @@ def run_worker(
     command = [
         peer_python if engine.system in PEERS else sys.executable,
         "-m",
-        "benchmarks.worker",
+        "cbart.benchmarks.worker",
         "--system",
         engine.system,
         "--path",

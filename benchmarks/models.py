@@ -31,10 +31,9 @@ class ModelSpec:
 
 def checkpoint(spec: ModelSpec, cache: Path) -> Path:
     """Build (once) and save the model; the compressed ones share the full model's encoder."""
+    from cbart.compression import build_from_base, save_checkpoint
+    from cbart.compression.build import bart_base_config
     from transformers import BartForConditionalGeneration
-
-    from compression import build_from_base, save_checkpoint
-    from compression.build import bart_base_config
 
     path = cache / spec.name
     if (path / "config.json").is_file():
@@ -57,7 +56,7 @@ def checkpoint(spec: ModelSpec, cache: Path) -> Path:
 def onnx_export(spec: ModelSpec, cache: Path, precision: str = "fp32", with_torch: bool = False) -> Path:
     """Export (once) to ONNX; int8 is dynamic quantization of the fp32 graphs. ``with_torch`` adds the
     TorchScript graphs of the runtime's PyTorch reference backend."""
-    from exporter.export import ExportOptions, export_onnx
+    from cbart.exporter.export import ExportOptions, export_onnx
 
     path = cache / f"{spec.name}-onnx-{precision}{'-torch' if with_torch else ''}"
     if (path / "manifest.json").is_file():
@@ -74,9 +73,9 @@ def tensorrt_export(spec: ModelSpec, cache: Path, precision: str, cells: list[An
 
     Raises ``TensorRTUnavailable`` before building anything when TensorRT or a GPU is missing.
     """
-    from exporter.engine_profiles import EngineLimits
-    from exporter.export import ExportOptions, export_tensorrt
-    from runtime.trt_support import require_tensorrt
+    from cbart.exporter.engine_profiles import EngineLimits
+    from cbart.exporter.export import ExportOptions, export_tensorrt
+    from cbart.runtime.trt_support import require_tensorrt
 
     if precision not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"cbart-trt builds fp32, fp16 or bf16 engines, not {precision!r}")
@@ -122,7 +121,7 @@ def decoder_step_bytes(
     per_layer = 6 * width * width + 2 * width * ffn + ffn + 12 * width
     head = bytes_per_weight * width * vocab
     if screened_lm_head:
-        from exporter.lm_head_screen import BLOCK_SIZE, OUTLIER_CHANNELS
+        from cbart.exporter.lm_head_screen import BLOCK_SIZE, OUTLIER_CHANNELS
 
         head = width * vocab * (1 + 4 / BLOCK_SIZE) + 4.0 * OUTLIER_CHANNELS * vocab
     weights = bytes_per_weight * layers * per_layer + head

@@ -1,7 +1,7 @@
 """Speculative decoding, measured: the trained Multi30k pair, and the overhead on random bart-base shapes.
 
-``cbart bench speculative --work ../quality-work`` (or ``python -m benchmarks.speculative``), on the models
-``python -m benchmarks.quality`` trained there. For every compressed draft found in the work folder, fp32
+``cbart bench speculative --work ../quality-work`` (or ``python -m cbart.benchmarks.speculative``), on the models
+``python -m cbart.benchmarks.quality`` trained there. For every compressed draft found in the work folder, fp32
 and int8, a pair export is written (``cbart export base --draft DRAFT``, verified at export) and every
 Multi30k test sentence is translated at batch 1, greedy, by the full fp32 model alone (``cbart:fp32``)
 and through each pair (``cbart:<draft precision>+spec``). Every speculative output is checked against the full model's,
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.quality.translation import MAX_NEW_TOKENS
+from cbart.benchmarks.quality.translation import MAX_NEW_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "int8")
@@ -37,8 +37,8 @@ RANDOM_SECTIONS = {"random": False, "random_never_agreeing": True}  # section ->
 
 def pair_export(full: Path, draft: Path, out: Path, precision: str, threads: int) -> Path:
     """``cbart export FULL --draft DRAFT`` (reused when already there); the pair is verified at export."""
-    from exporter.export import ExportOptions
-    from exporter.pair import export_pair
+    from cbart.exporter.export import ExportOptions
+    from cbart.exporter.pair import export_pair
 
     if not (out / "manifest.json").is_file():
         quantize = "int8" if precision == "int8" else None
@@ -102,8 +102,9 @@ def summarize(name: str, passes: list[dict[str, Any]], reference: list[dict[str,
 
 
 def trained_drafts(work: Path) -> list[str]:
-    """The stage-2 models ``python -m benchmarks.quality`` finished in ``work`` (not stage 1, not runs in progress)."""
-    from benchmarks.quality.translation import RECORD
+    """The stage-2 models ``python -m cbart.benchmarks.quality`` finished in ``work`` (not stage 1, not runs in
+    progress)."""
+    from cbart.benchmarks.quality.translation import RECORD
 
     return sorted(
         path.name for path in work.glob("compressed-*") if (path / RECORD).is_file() and not path.name.endswith("-ae")
@@ -111,14 +112,14 @@ def trained_drafts(work: Path) -> list[str]:
 
 
 def trained_pair(work: Path, sentences: int | None, rounds: int, threads: int) -> dict[str, Any]:
-    from benchmarks.quality.data import load_multi30k, read_vocabulary
-    from runtime.generator import Seq2SeqRuntime
+    from cbart.benchmarks.quality.data import load_multi30k, read_vocabulary
+    from cbart.runtime.generator import Seq2SeqRuntime
 
     data = load_multi30k(train_rows=1, vocabulary=read_vocabulary(work))
     sources = [example.input_ids for example in data.test[:sentences]]
     drafts = trained_drafts(work)
     if not drafts:
-        raise SystemExit(f"error: no trained compressed model in {work}; run python -m benchmarks.quality first")
+        raise SystemExit(f"error: no trained compressed model in {work}; run python -m cbart.benchmarks.quality first")
     systems: dict[str, tuple[Any, bool]] = {}
     for draft in drafts:
         for precision in PRECISIONS:
@@ -148,9 +149,8 @@ def random_pair(cache: Path, rounds: int, threads: int, varied: bool) -> dict[st
     draft length leaves when drafting does not pay.
     """
     import numpy as np
-
-    from benchmarks.models import ModelSpec, checkpoint
-    from runtime.generator import Seq2SeqRuntime
+    from cbart.benchmarks.models import ModelSpec, checkpoint
+    from cbart.runtime.generator import Seq2SeqRuntime
 
     full, draft = checkpoint(ModelSpec(None, varied), cache), checkpoint(ModelSpec(384, varied), cache)
     print(f"[speculative] random bart-base pair export {full.name} + {draft.name} (int8 draft)", flush=True)
@@ -165,10 +165,12 @@ def random_pair(cache: Path, rounds: int, threads: int, varied: bool) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.quality.run import machine
+    from cbart.benchmarks.quality.run import machine
 
     parser = argparse.ArgumentParser(prog="cbart bench speculative", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, required=True, help="the work folder of python -m benchmarks.quality")
+    parser.add_argument(
+        "--work", type=Path, required=True, help="the work folder of python -m cbart.benchmarks.quality"
+    )
     parser.add_argument("--sentences", type=int, default=None, help="only the first N test sentences")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)

@@ -5,7 +5,7 @@ Each configuration runs in a fresh process: CPU peak RSS here (VmHWM), and
 (ordinary fine-tuning); compressed models train the narrow decoder with encoder and compressor frozen
 (the paper's stage 2).
 
-    python -m benchmarks.train_memory [--batch 4 --source 512 --target 64 --device cpu]
+    python -m cbart.benchmarks.train_memory [--batch 4 --source 512 --target 64 --device cpu]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.plotting import pyplot
+from cbart.benchmarks.plotting import pyplot
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["full", "504", "384", "256", "128"]
@@ -24,12 +24,11 @@ VARIANTS = ["full", "504", "384", "256", "128"]
 
 def measure(variant: str, batch: int, source: int, target: int, device: str) -> dict[str, float]:
     import torch
+    from cbart.benchmarks.models import HEADS, LATENTS
+    from cbart.benchmarks.worker import peak_rss_mib
+    from cbart.compression import build_from_base
+    from cbart.compression.build import bart_base_config
     from transformers import BartForConditionalGeneration
-
-    from benchmarks.models import HEADS, LATENTS
-    from benchmarks.worker import peak_rss_mib
-    from compression import build_from_base
-    from compression.build import bart_base_config
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         command = [
             sys.executable,
             "-m",
-            "benchmarks.train_memory",
+            "cbart.benchmarks.train_memory",
             "--worker",
             variant,
             "--batch",

@@ -29,10 +29,9 @@ def source_ids(batch: int, length: int, seed: int = 0) -> np.ndarray:
 
 
 def transformers_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Generate:
+    import cbart.compression  # noqa: F401 -- registers the compressed architecture with AutoModel
     import torch
     from transformers import AutoModelForSeq2SeqLM
-
-    import compression  # noqa: F401 -- registers the compressed architecture with AutoModel
 
     torch.set_num_threads(threads)
     model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
@@ -57,8 +56,7 @@ def cbart_system(
     path: Path, ids: np.ndarray, beams: int, threads: int, backend: str = "onnxruntime", device: str = "cpu"
 ) -> Generate:
     import torch
-
-    from runtime.generator import Seq2SeqRuntime
+    from cbart.runtime.generator import Seq2SeqRuntime
 
     if backend != "torch":
         torch.set_num_threads(1)  # keep torch's pool from clashing with ONNX Runtime's threads

@@ -12,14 +12,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CheckpointError": "compression",
-    "CompressedBartConfig": "compression",
-    "CompressedBartForConditionalGeneration": "compression",
-    "CompressedBartForSequenceClassification": "compression",
-    "build_from_base": "compression",
-    "import_original_checkpoint": "compression.importer",
-    "load_compressed_model": "compression",
-    "save_checkpoint": "compression",
+    "CheckpointError": "cbart.compression",
+    "CompressedBartConfig": "cbart.compression",
+    "CompressedBartForConditionalGeneration": "cbart.compression",
+    "CompressedBartForSequenceClassification": "cbart.compression",
+    "build_from_base": "cbart.compression",
+    "import_original_checkpoint": "cbart.compression.importer",
+    "load_compressed_model": "cbart.compression",
+    "save_checkpoint": "cbart.compression",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -58,7 +58,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _training_args(args: argparse.Namespace) -> Any:
-    from compression.training import TrainingArguments
+    from cbart.compression.training import TrainingArguments
 
     return TrainingArguments(
         output_dir=args.out,
@@ -84,7 +84,7 @@ def _training_args(args: argparse.Namespace) -> Any:
 
 
 def _load_tokenizer(name_or_path: str) -> Any:
-    from compression.data import load_tokenizer
+    from cbart.compression.data import load_tokenizer
 
     try:
         return load_tokenizer(name_or_path)
@@ -101,9 +101,9 @@ def _model_for_training(args: argparse.Namespace, task: str = "seq2seq") -> Any:
     A classifier starts from a seq2seq (or stage-1) checkpoint and gets a fresh classification head;
     only a resumed classification run loads one.
     """
-    from compression import build_from_base, load_compressed_model
-    from compression.checkpoint import is_compressed_checkpoint
-    from compression.training.stages import to_classifier
+    from cbart.compression import build_from_base, load_compressed_model
+    from cbart.compression.checkpoint import is_compressed_checkpoint
+    from cbart.compression.training.stages import to_classifier
 
     if args.resume is not None:
         return load_compressed_model(args.resume, task)
@@ -128,7 +128,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from compression import build_from_base, save_checkpoint
+    from cbart.compression import build_from_base, save_checkpoint
 
     model = build_from_base(args.base, args.latent, args.variant, args.max_positions, args.decoder_heads)
     tokenizer = _load_tokenizer(args.tokenizer or args.base)
@@ -141,8 +141,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_import_original(args: argparse.Namespace) -> int:
-    from compression import save_checkpoint
-    from compression.importer import import_original_checkpoint
+    from cbart.compression import save_checkpoint
+    from cbart.compression.importer import import_original_checkpoint
 
     model = import_original_checkpoint(args.source, args.latent, args.trust_pickle)
     tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
@@ -152,8 +152,8 @@ def cmd_import_original(args: argparse.Namespace) -> int:
 
 
 def cmd_train_ae(args: argparse.Namespace) -> int:
-    from compression.data import load_records, tokenize_seq2seq
-    from compression.training import train_autoencoder
+    from cbart.compression.data import load_records, tokenize_seq2seq
+    from cbart.compression.training import train_autoencoder
 
     model = _model_for_training(args)
     tokenizer = _load_tokenizer(args.tokenizer or str(args.model))
@@ -175,9 +175,9 @@ def cmd_train_ae(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from compression.config import PAPER_GENERATION
-    from compression.data import load_records, tokenize_classification, tokenize_seq2seq
-    from compression.training import Seq2SeqEvaluation, train_classifier, train_decoder
+    from cbart.compression.config import PAPER_GENERATION
+    from cbart.compression.data import load_records, tokenize_classification, tokenize_seq2seq
+    from cbart.compression.training import Seq2SeqEvaluation, train_classifier, train_decoder
 
     if args.task == "classification" and args.distill_from:
         raise SystemExit("error: --distill-from distils a seq2seq decoder; drop it for --task classification")
@@ -245,8 +245,8 @@ def _distillation(args: argparse.Namespace) -> Any:
     """``--distill-from``'s teacher, loaded as a plain BART (the base the student was compressed from)."""
     if args.distill_from is None:
         return None
-    from compression.build import load_base_model
-    from compression.training import Distillation
+    from cbart.compression.build import load_base_model
+    from cbart.compression.training import Distillation
 
     try:
         return Distillation(load_base_model(args.distill_from), args.distill_alpha, args.distill_temperature)
@@ -255,7 +255,7 @@ def _distillation(args: argparse.Namespace) -> Any:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from exporter.export import ExportOptions, export_onnx, export_tensorrt
+    from cbart.exporter.export import ExportOptions, export_onnx, export_tensorrt
 
     options = ExportOptions(
         opset=args.opset,
@@ -274,7 +274,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         with_torch=args.with_torch,
     )
     if args.to == "trt":
-        from exporter.engine_profiles import EngineLimits
+        from cbart.exporter.engine_profiles import EngineLimits
 
         limits = EngineLimits(
             max_batch=args.max_batch,
@@ -291,7 +291,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ValueError("--draft (speculative pairs) writes ONNX exports only; drop --to trt or --draft")
         result = export_tensorrt(args.checkpoint, args.out, limits, options)
     elif args.draft is not None:
-        from exporter.pair import export_pair
+        from cbart.exporter.pair import export_pair
 
         if args.quantize:
             raise ValueError("--quantize would change the full model's output; with --draft use --draft-quantize int8")
@@ -329,10 +329,10 @@ def _print_export_report(result: Any) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from exporter.export import load_model
-    from exporter.verify import Tolerance, compare_generation, compare_graphs
-    from runtime.generator import Seq2SeqRuntime
-    from runtime.manifest import read_manifest
+    from cbart.exporter.export import load_model
+    from cbart.exporter.verify import Tolerance, compare_generation, compare_graphs
+    from cbart.runtime.generator import Seq2SeqRuntime
+    from cbart.runtime.manifest import read_manifest
 
     manifest = read_manifest(args.directory)
     print(f"{args.directory}: format {manifest.format_version}, {len(manifest.files)} files, sha256 OK")
@@ -363,7 +363,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
-    from runtime.generator import Seq2SeqRuntime
+    from cbart.runtime.generator import Seq2SeqRuntime
 
     runtime = Seq2SeqRuntime.from_dir(
         args.directory, args.backend, args.device, args.threads, cuda_graphs=args.cuda_graphs
@@ -632,11 +632,11 @@ def _add_latent_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["bench", "speculative"]:
-        from benchmarks.speculative import main as speculative_main
+        from cbart.benchmarks.speculative import main as speculative_main
 
         return speculative_main(argv[2:])
     if argv[:1] == ["bench"]:
-        from benchmarks.latency import main as bench_main
+        from cbart.benchmarks.latency import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -658,9 +658,9 @@ def _input_errors() -> tuple[type[Exception], ...]:
     """
     errors: list[type[Exception]] = [FileNotFoundError, KeyError, ValueError]
     for module, name in (
-        ("compression.checkpoint", "CheckpointError"),
-        ("exporter.export", "ExportError"),
-        ("runtime.manifest", "ExportDirectoryError"),
+        ("cbart.compression.checkpoint", "CheckpointError"),
+        ("cbart.exporter.export", "ExportError"),
+        ("cbart.runtime.manifest", "ExportDirectoryError"),
     ):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))

@@ -15,22 +15,22 @@ from pathlib import Path
 import torch
 from transformers import BartForConditionalGeneration
 
-from compression.build import build_from_base
-from compression.checkpoint import save_checkpoint
-from compression.data import Collator
-from compression.metrics import exact_match
-from compression.modeling import CompressedBartForConditionalGeneration
-from compression.synthetic import ReversalTask, strip_specials
-from compression.training import (
+from cbart.compression.build import build_from_base
+from cbart.compression.checkpoint import save_checkpoint
+from cbart.compression.data import Collator
+from cbart.compression.metrics import exact_match
+from cbart.compression.modeling import CompressedBartForConditionalGeneration
+from cbart.compression.synthetic import ReversalTask, strip_specials
+from cbart.compression.training import (
     Seq2SeqEvaluation,
     TrainingArguments,
     evaluate_generation,
     train_autoencoder,
     train_decoder,
 )
-from compression.training.loop import fit
-from exporter.export import ExportOptions, export_onnx
-from runtime.generator import Seq2SeqRuntime
+from cbart.compression.training.loop import fit
+from cbart.exporter.export import ExportOptions, export_onnx
+from cbart.runtime.generator import Seq2SeqRuntime
 
 TARGET_EXACT_MATCH = 95.0
 

@@ -4,17 +4,16 @@ A pretrained BART encoder feeds the encoder half of an autoencoder; a narrow BAR
 width equals the latent size reads the compressed memory through cross-attention.
 """
 
-from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
-
-from compression.autoencoder import LatentAutoencoder, ProjectionStack
-from compression.build import build_from_base
-from compression.checkpoint import CheckpointError, load_compressed_model, save_checkpoint
-from compression.config import CompressedBartConfig
-from compression.modeling import (
+from cbart.compression.autoencoder import LatentAutoencoder, ProjectionStack
+from cbart.compression.build import build_from_base
+from cbart.compression.checkpoint import CheckpointError, load_compressed_model, save_checkpoint
+from cbart.compression.config import CompressedBartConfig
+from cbart.compression.modeling import (
     CompressedBartForConditionalGeneration,
     CompressedBartForSequenceClassification,
     CompressedBartModel,
 )
+from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
 # transformers integration, in both directions:
 # - in this process, AutoModel*.from_pretrained(dir) knows the compressed architecture;

@@ -6,10 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from cbart.compression.config import CompressedBartConfig
+from cbart.compression.modeling import CompressedBartForConditionalGeneration
 from transformers import AutoConfig, BartConfig, BartForConditionalGeneration, PreTrainedModel
-
-from compression.config import CompressedBartConfig
-from compression.modeling import CompressedBartForConditionalGeneration
 
 PAPER_LATENT_SIZES = {384: (576, 480, 384), 504: (640, 576, 504)}
 

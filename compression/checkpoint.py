@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from compression.config import CompressedBartConfig
-from compression.model_card import CARD_FILE, model_card
-from compression.modeling import (
+from cbart.compression.config import CompressedBartConfig
+from cbart.compression.model_card import CARD_FILE, model_card
+from cbart.compression.modeling import (
     CompressedBartForConditionalGeneration,
     CompressedBartForSequenceClassification,
 )
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TRAINING_STATE = "training_state.pt"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -19,11 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from cbart.compression.checkpoint import CheckpointError, load_torch_file
+from cbart.compression.config import CompressedBartConfig
+from cbart.compression.modeling import CompressedBartForConditionalGeneration
 from transformers import BartConfig
-
-from compression.checkpoint import CheckpointError, load_torch_file
-from compression.config import CompressedBartConfig
-from compression.modeling import CompressedBartForConditionalGeneration
 
 ORIGINAL_FILES = ("config.json", "pytorch_model.bin", "ae-checkpoint.pth")
 BATCHNORM_FIELDS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cbart.compression.config import CompressedBartConfig
 from torch import nn
-
-from compression.config import CompressedBartConfig
 
 CARD_FILE = "README.md"
 
@@ -68,7 +67,7 @@ def model_card(model: nn.Module, training_state: dict[str, Any] | None = None) -
         "",
         "## Use",
         "",
-        "With cbart installed (`import compression` registers the architecture), or with plain transformers "
+        "With cbart installed (`import cbart.compression` registers the architecture), or with plain transformers "
         "from the code saved beside the weights:",
         "",
         "```python",

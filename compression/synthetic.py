@@ -10,9 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from cbart.compression.data import Example
 from transformers import BartConfig
-
-from compression.data import Example
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 FIRST_SYMBOL = 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from runtime.manifest import GraphSpec
+from cbart.runtime.manifest import GraphSpec
 
 
 @dataclass(frozen=True)

@@ -14,20 +14,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from cbart.compression.checkpoint import atomic_directory, is_compressed_checkpoint, load_compressed_model
+from cbart.exporter.disk_space import export_need, space_problems
+from cbart.exporter.lm_head_screen import BITS, BLOCK_SIZE, add_screened_lm_head
+from cbart.exporter.onnx_export import export_graph, export_torchscript, graph_definitions
+from cbart.exporter.variants import convert_to_fp16, optimize_graph, quantize_int8
+from cbart.exporter.verify import Tolerance, VerificationReport, compare_generation, compare_graphs
+from cbart.runtime.lm_head_screen import BOUNDS_FILE, HIDDEN, RESIDUAL, ROWS_FILE, SWITCH
+from cbart.runtime.manifest import MANIFEST, Manifest, ModelDims, SpecialTokens, TensorSpec, file_entries
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BartForConditionalGeneration
 
-from compression.checkpoint import atomic_directory, is_compressed_checkpoint, load_compressed_model
-from exporter.disk_space import export_need, space_problems
-from exporter.lm_head_screen import BITS, BLOCK_SIZE, add_screened_lm_head
-from exporter.onnx_export import export_graph, export_torchscript, graph_definitions
-from exporter.variants import convert_to_fp16, optimize_graph, quantize_int8
-from exporter.verify import Tolerance, VerificationReport, compare_generation, compare_graphs
-from runtime.lm_head_screen import BOUNDS_FILE, HIDDEN, RESIDUAL, ROWS_FILE, SWITCH
-from runtime.manifest import MANIFEST, Manifest, ModelDims, SpecialTokens, TensorSpec, file_entries
-
 if TYPE_CHECKING:
-    from exporter.engine_profiles import EngineLimits as EngineLimitsLike
+    from cbart.exporter.engine_profiles import EngineLimits as EngineLimitsLike
 else:
     EngineLimitsLike = Any
 
@@ -351,7 +350,7 @@ def export_tensorrt(
 
     Fails before touching the disk on options TensorRT cannot use or when TensorRT or a GPU is missing.
     """
-    from runtime.trt_support import TensorRTUnavailable, require_tensorrt
+    from cbart.runtime.trt_support import TensorRTUnavailable, require_tensorrt
 
     options = options or ExportOptions()
     out = Path(out)
@@ -377,7 +376,7 @@ def export_tensorrt(
     except TensorRTUnavailable as error:
         raise ExportError(f"cannot build TensorRT engines: {error}. Nothing was written.") from error
     check_destination(out, options)
-    from exporter.tensorrt_build import build_engine, engine_metadata
+    from cbart.exporter.tensorrt_build import build_engine, engine_metadata
 
     model = load_model(checkpoint)
     positions = source_positions(model.config)

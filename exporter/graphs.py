@@ -51,7 +51,7 @@ class EncoderGraph(nn.Module):
     self-attention as one ``com.microsoft.MultiHeadAttention`` node. The plain export spells
     attention out as MatMul/Softmax/MatMul and materialises ``[batch, heads, S, S]`` scores per
     layer; ONNX Runtime's fused kernel does not, and is faster on CPU (measured side by side by
-    ``python -m benchmarks.graph_choices``). TensorRT's ONNX parser has no
+    ``python -m cbart.benchmarks.graph_choices``). TensorRT's ONNX parser has no
     contrib ops, so engines are built from the plain graph. Without the flag this is transformers'
     own encoder, which the export verification uses as its reference.
     """

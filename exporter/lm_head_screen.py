@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from cbart.runtime.lm_head_screen import BOUNDS_FILE, HIDDEN, RESIDUAL, ROWS_FILE, SWITCH
 from onnx import TensorProto, helper, numpy_helper
-
-from runtime.lm_head_screen import BOUNDS_FILE, HIDDEN, RESIDUAL, ROWS_FILE, SWITCH
 
 BITS = 8
 BLOCK_SIZE = 32

@@ -8,10 +8,7 @@ from pathlib import Path
 
 import onnx
 import torch
-from torch import nn
-from transformers import BartForConditionalGeneration
-
-from exporter.graphs import (
+from cbart.exporter.graphs import (
     AutoencoderGraph,
     CrossKVGraph,
     DecoderStepGraph,
@@ -19,7 +16,9 @@ from exporter.graphs import (
     FusedEncoderGraph,
     model_parts,
 )
-from runtime.manifest import GraphSpec, TensorSpec
+from cbart.runtime.manifest import GraphSpec, TensorSpec
+from torch import nn
+from transformers import BartForConditionalGeneration
 
 TWO_GIB = 2**31
 

@@ -15,11 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from transformers import BartForConditionalGeneration
-
-from compression.build import encoder_mismatch
-from compression.checkpoint import atomic_directory
-from exporter.export import (
+from cbart.compression.build import encoder_mismatch
+from cbart.compression.checkpoint import atomic_directory
+from cbart.exporter.export import (
     ExportError,
     ExportOptions,
     ExportResult,
@@ -31,8 +29,9 @@ from exporter.export import (
     write_manifest,
     write_onnx,
 )
-from exporter.verify import Tolerance, VerificationReport, compare_generation, compare_graphs
-from runtime.manifest import DraftSpec
+from cbart.exporter.verify import Tolerance, VerificationReport, compare_generation, compare_graphs
+from cbart.runtime.manifest import DraftSpec
+from transformers import BartForConditionalGeneration
 
 DRAFT_DIRECTORY = "draft"
 

@@ -12,9 +12,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from exporter.engine_profiles import EngineLimits, profile_shapes
-from runtime.manifest import GraphSpec
-from runtime.trt_support import cuda_compute_capability, import_tensorrt
+from cbart.exporter.engine_profiles import EngineLimits, profile_shapes
+from cbart.runtime.manifest import GraphSpec
+from cbart.runtime.trt_support import cuda_compute_capability, import_tensorrt
 
 import_tensorrt()  # a clear error when TensorRT is missing (or only its type stubs are installed)
 import tensorrt as trt  # noqa: E402

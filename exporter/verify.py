@@ -15,13 +15,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+from cbart.exporter.graphs import AutoencoderGraph, CrossKVGraph, DecoderStepGraph, EncoderGraph, FusedEncoderGraph
+from cbart.runtime.backends.onnxruntime import session_options
+from cbart.runtime.generator import Seq2SeqRuntime
+from cbart.runtime.lm_head_screen import HIDDEN, RESIDUAL, SWITCH
+from cbart.runtime.manifest import read_manifest
 from transformers import BartForConditionalGeneration
-
-from exporter.graphs import AutoencoderGraph, CrossKVGraph, DecoderStepGraph, EncoderGraph, FusedEncoderGraph
-from runtime.backends.onnxruntime import session_options
-from runtime.generator import Seq2SeqRuntime
-from runtime.lm_head_screen import HIDDEN, RESIDUAL, SWITCH
-from runtime.manifest import read_manifest
 
 SOURCE_BATCHES = ((6,), (11, 4, 8))
 GREEDY_NEW_TOKENS = 12

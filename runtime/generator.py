@@ -11,18 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from runtime.backends.base import Backend, EncodedBatch, SharedEncoderBackend
-from runtime.manifest import Manifest, read_manifest
-from runtime.search import GenerationSettings, beam_search, greedy_or_sample
-from runtime.speculative import (
+from cbart.runtime.backends.base import Backend, EncodedBatch, SharedEncoderBackend
+from cbart.runtime.manifest import Manifest, read_manifest
+from cbart.runtime.search import GenerationSettings, beam_search, greedy_or_sample
+from cbart.runtime.speculative import (
     DraftLength,
     SpeculationStats,
     VerifyingSession,
     speculative_greedy,
     speculative_sample,
 )
-from runtime.tokenizer import TextTokenizer
+from cbart.runtime.tokenizer import TextTokenizer
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 Inputs = str | Sequence[str] | Sequence[Sequence[int]] | np.ndarray
@@ -46,15 +45,15 @@ def load_backend(
     if backend == "onnxruntime":
         if manifest.backend != "onnx":
             raise ValueError(f"{directory} holds {manifest.backend} engines; load it with backend='tensorrt'")
-        from runtime.backends.onnxruntime import OnnxRuntimeBackend
+        from cbart.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(directory, manifest, device, threads)
     if backend == "tensorrt":
-        from runtime.backends.tensorrt import TensorRTBackend
+        from cbart.runtime.backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend(directory, manifest, device, cuda_graphs)
     if backend == "torch":
-        from runtime.backends.torch_backend import TorchBackend
+        from cbart.runtime.backends.torch_backend import TorchBackend
 
         return TorchBackend(directory, manifest, device, threads)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-
-from runtime.lm_head_screen import LogitScreen
+from cbart.runtime.lm_head_screen import LogitScreen
 
 NEG_INF = np.float32(-np.inf)
 BIG_NEGATIVE = np.float32(-1.0e9)

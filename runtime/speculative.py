@@ -24,9 +24,14 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-
-from runtime.lm_head_screen import LogitScreen
-from runtime.search import DecoderSession, GenerationSettings, process_scores, sample_tokens, sampling_distribution
+from cbart.runtime.lm_head_screen import LogitScreen
+from cbart.runtime.search import (
+    DecoderSession,
+    GenerationSettings,
+    process_scores,
+    sample_tokens,
+    sampling_distribution,
+)
 
 
 @runtime_checkable

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cbart.runtime.manifest import ExportDirectoryError
 from tokenizers import Tokenizer
-
-from runtime.manifest import ExportDirectoryError
 
 
 class TextTokenizer:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cbart.compression import CompressedBartConfig, CompressedBartForConditionalGeneration
 from transformers import BartConfig, BartForConditionalGeneration
-
-from compression import CompressedBartConfig, CompressedBartForConditionalGeneration
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub; fail fast instead of waiting
 

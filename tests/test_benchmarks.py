@@ -7,18 +7,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from benchmarks import cnn_dailymail, latency
-from benchmarks.models import ModelSpec
-from benchmarks.quality import data as quality_data
-from benchmarks.quality import sequence_kd, stats
-from benchmarks.quality.run import check_recipe
-from benchmarks.quality.run import main as quality_main
-from benchmarks.quality.translation import MAX_NEW_TOKENS, QUICK
-from benchmarks.speculative import main as speculative_main
-from compression.config import PAPER_GENERATION
-from compression.data import Example, load_tokenizer
-from runtime.generator import Seq2SeqRuntime
+from cbart.benchmarks import cnn_dailymail, latency
+from cbart.benchmarks.models import ModelSpec
+from cbart.benchmarks.quality import data as quality_data
+from cbart.benchmarks.quality import sequence_kd, stats
+from cbart.benchmarks.quality.run import check_recipe
+from cbart.benchmarks.quality.run import main as quality_main
+from cbart.benchmarks.quality.translation import MAX_NEW_TOKENS, QUICK
+from cbart.benchmarks.speculative import main as speculative_main
+from cbart.compression.config import PAPER_GENERATION
+from cbart.compression.data import Example, load_tokenizer
+from cbart.runtime.generator import Seq2SeqRuntime
 
 
 def test_bare_bpe_folder_loads_as_the_bart_tokenizer(shared_data: Path) -> None:
@@ -155,7 +154,7 @@ def test_sequence_kd_targets_take_the_layout_of_tokenized_labels() -> None:
 
 
 def test_bench_reports_tensorrt_as_skipped_with_the_reason_when_it_cannot_run(tmp_path: Path, capsys) -> None:
-    from runtime.trt_support import TensorRTUnavailable, require_tensorrt
+    from cbart.runtime.trt_support import TensorRTUnavailable, require_tensorrt
 
     try:
         require_tensorrt()
@@ -196,7 +195,7 @@ def test_the_floor_of_a_screened_greedy_step_counts_the_bytes_it_reads() -> None
 
 
 def test_graph_choices_table_lists_the_measured_rows_only() -> None:
-    from benchmarks.graph_choices import table
+    from cbart.benchmarks.graph_choices import table
 
     text = table(
         {"full_lm-head-exact_ms_per_token": 24.61, "full_lm-head-screened_ms_per_token": 17.02, "shared_beam4_s": 1.0}

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cbart.compression import CheckpointError, build_from_base, load_compressed_model, save_checkpoint
+from cbart.compression.checkpoint import TRAINING_STATE, atomic_directory, load_training_state
+from cbart.compression.importer import import_original_checkpoint
 from conftest import random_batch, tiny_bart_config, tiny_compressed
 from transformers import BartForConditionalGeneration, T5Config
-
-from compression import CheckpointError, build_from_base, load_compressed_model, save_checkpoint
-from compression.checkpoint import TRAINING_STATE, atomic_directory, load_training_state
-from compression.importer import import_original_checkpoint
 
 
 def logits_of(model, ids, mask):
@@ -231,7 +230,7 @@ def test_transformers_loads_a_checkpoint_without_cbart(tmp_path: Path, task: str
     model = tiny_compressed(seed=3)
     auto = "AutoModelForSeq2SeqLM"
     if task == "classification":
-        from compression.training.stages import to_classifier
+        from cbart.compression.training.stages import to_classifier
 
         model, auto = to_classifier(model, num_labels=3).eval(), "AutoModelForSequenceClassification"
     save_checkpoint(model, tmp_path / "ckpt")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cbart.compression import load_compressed_model
 from conftest import tiny_bart_config
 from transformers import BartConfig, BartForConditionalGeneration
 
 from cbart.cli import main
-from compression import load_compressed_model
 
 
 @pytest.fixture
@@ -281,7 +281,7 @@ def test_generate_never_imports_torch(tmp_path, base_with_tokenizer):
         f"codes = [main(['generate', {str(export)!r}, 'A man on a ladder.', '--max-new-tokens', '6']),\n"
         f"         main(['generate', {str(tmp_path / 'missing')!r}, 'x'])]\n"
         "assert codes == [0, 2], codes\n"
-        "assert 'torch' not in sys.modules and 'compression' not in sys.modules, 'torch was imported'\n"
+        "assert 'torch' not in sys.modules and 'cbart.compression' not in sys.modules, 'torch was imported'\n"
     )
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cbart.compression import save_checkpoint
+from cbart.compression.config import PAPER_GENERATION as PAPER
+from cbart.exporter.export import ExportOptions, export_onnx
+from cbart.runtime.generator import Seq2SeqRuntime
 from conftest import random_batch, tiny_compressed
-
-from compression import save_checkpoint
-from compression.config import PAPER_GENERATION as PAPER
-from exporter.export import ExportOptions, export_onnx
-from runtime.generator import Seq2SeqRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 CPP = ROOT / "runtime" / "cpp"
@@ -118,9 +117,8 @@ def test_cpp_screened_greedy_on_a_larger_vocabulary(binary, tmp_path):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     """A speculative pair whose draft partly agrees (noise on the decoder layers), int8 draft."""
+    from cbart.exporter.pair import export_pair
     from test_speculative import full_model, noisy_copy
-
-    from exporter.pair import export_pair
 
     model = full_model()
     root = tmp_path_factory.mktemp("cpp-pair")

@@ -11,16 +11,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from cbart.compression import save_checkpoint
+from cbart.exporter import verify as verify_module
+from cbart.exporter.export import ExportError, ExportOptions, export_onnx, export_tensorrt
+from cbart.exporter.graphs import AutoencoderGraph
+from cbart.runtime.generator import Seq2SeqRuntime
+from cbart.runtime.manifest import FORMAT_VERSION, read_manifest, sha256_of
 from conftest import random_batch, tiny_bart_config, tiny_compressed
 from transformers import BartForConditionalGeneration
 
 from cbart.cli import main
-from compression import save_checkpoint
-from exporter import verify as verify_module
-from exporter.export import ExportError, ExportOptions, export_onnx, export_tensorrt
-from exporter.graphs import AutoencoderGraph
-from runtime.generator import Seq2SeqRuntime
-from runtime.manifest import FORMAT_VERSION, read_manifest, sha256_of
 
 
 def quiet(*_: object) -> None:
@@ -225,7 +225,7 @@ def test_short_disk_fails_before_writing_and_names_the_fix(checkpoint: Path, tmp
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("exporter.disk_space.shutil.disk_usage", lambda path: usage(10**12, 10**12 - 4096, 4096))
+    monkeypatch.setattr("cbart.exporter.disk_space.shutil.disk_usage", lambda path: usage(10**12, 10**12 - 4096, 4096))
     with pytest.raises(ExportError) as raised:
         export_onnx(checkpoint, tmp_path / "out" / "onnx", options(quantize="int8"), log=quiet)
     message = str(raised.value)
@@ -238,7 +238,7 @@ def test_short_disk_fails_before_writing_and_names_the_fix(checkpoint: Path, tmp
 
 
 def test_tensorrt_without_tensorrt_fails_at_once_and_writes_nothing(checkpoint: Path, tmp_path: Path):
-    from runtime.trt_support import TensorRTUnavailable, require_tensorrt
+    from cbart.runtime.trt_support import TensorRTUnavailable, require_tensorrt
 
     try:
         require_tensorrt()
@@ -246,7 +246,7 @@ def test_tensorrt_without_tensorrt_fails_at_once_and_writes_nothing(checkpoint: 
         pass
     else:
         pytest.skip("TensorRT and a GPU are present; tests/test_tensorrt.py covers this machine")
-    from exporter.engine_profiles import EngineLimits
+    from cbart.exporter.engine_profiles import EngineLimits
 
     with pytest.raises(ExportError, match="cannot build TensorRT engines: .*Nothing was written"):
         export_tensorrt(checkpoint, tmp_path / "trt", EngineLimits(), options(), log=quiet)
@@ -301,7 +301,7 @@ def test_cli_export_verify_generate(checkpoint: Path, tmp_path: Path, bart_token
 def test_cli_generate_text_and_jsonl_with_the_real_tokenizer(tmp_path: Path, bart_tokenizer, capsys):
     torch.manual_seed(0)
     base = tiny_bart_config(vocab_size=len(bart_tokenizer), positions=64)
-    from compression import build_from_base
+    from cbart.compression import build_from_base
 
     model = build_from_base(BartForConditionalGeneration(base), [24, 16], "token")
     save_checkpoint(model, tmp_path / "ckpt", bart_tokenizer)
@@ -360,8 +360,8 @@ def test_cli_generate_text_and_jsonl_with_the_real_tokenizer(tmp_path: Path, bar
 
 
 def test_engine_limits_are_checked_and_clamped_to_the_models_source_positions() -> None:
-    from exporter.engine_profiles import EngineLimits
-    from exporter.export import source_positions
+    from cbart.exporter.engine_profiles import EngineLimits
+    from cbart.exporter.export import source_positions
 
     with pytest.raises(ValueError, match="--opt-new-tokens 80 exceeds --max-new-tokens 64; raise --max-new-tokens"):
         EngineLimits(max_new_tokens=64, opt_new_tokens=80)
@@ -377,7 +377,7 @@ def test_engine_limits_are_checked_and_clamped_to_the_models_source_positions() 
 
 @pytest.mark.parametrize("version", ["10.0.1", "11.0.0.1", "9.3"])
 def test_an_unsupported_tensorrt_version_is_refused_with_the_install_command(version: str) -> None:
-    from runtime.trt_support import TensorRTUnavailable, check_tensorrt_version
+    from cbart.runtime.trt_support import TensorRTUnavailable, check_tensorrt_version
 
     with pytest.raises(TensorRTUnavailable, match=f"TensorRT {version} is installed.*pip install 'tensorrt>=10.1,<11'"):
         check_tensorrt_version(version)
@@ -388,8 +388,8 @@ def test_requests_outside_the_engines_profiles_are_refused_before_any_cuda_work(
     """The manifest records the export's limits; the TensorRT backend checks every request against them."""
     from dataclasses import asdict
 
-    from exporter.engine_profiles import EngineLimits
-    from runtime.trt_support import check_request
+    from cbart.exporter.engine_profiles import EngineLimits
+    from cbart.runtime.trt_support import check_request
 
     limits = asdict(
         EngineLimits(

@@ -9,16 +9,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from cbart.compression import save_checkpoint
+from cbart.exporter.export import ExportError, ExportOptions, export_onnx, export_tensorrt
+from cbart.exporter.lm_head_screen import add_screened_lm_head
+from cbart.runtime.backends.onnxruntime import OrtDecoderSession, ScreenedOrtDecoderSession
+from cbart.runtime.generator import Seq2SeqRuntime
+from cbart.runtime.lm_head_screen import LogitScreen
+from cbart.runtime.search import NEG_INF
 from conftest import random_batch, tiny_compressed
 from onnx import TensorProto, helper, numpy_helper
-
-from compression import save_checkpoint
-from exporter.export import ExportError, ExportOptions, export_onnx, export_tensorrt
-from exporter.lm_head_screen import add_screened_lm_head
-from runtime.backends.onnxruntime import OrtDecoderSession, ScreenedOrtDecoderSession
-from runtime.generator import Seq2SeqRuntime
-from runtime.lm_head_screen import LogitScreen
-from runtime.search import NEG_INF
 
 VOCAB, WIDTH = 4000, 768
 

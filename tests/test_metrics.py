@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from compression.metrics import rouge, split_sentences
+from cbart.compression.metrics import rouge, split_sentences
 
 
 def test_sentences_split_at_final_punctuation_but_not_inside_abbreviations() -> None:

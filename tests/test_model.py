@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cbart.compression import CompressedBartConfig, CompressedBartForConditionalGeneration
+from cbart.compression.autoencoder import LatentAutoencoder, PositionBatchNorm, ProjectionStack
+from cbart.compression.build import bart_base_config
 from conftest import random_batch, tiny_bart_config, tiny_compressed
 from transformers import BartForConditionalGeneration
-
-from compression import CompressedBartConfig, CompressedBartForConditionalGeneration
-from compression.autoencoder import LatentAutoencoder, PositionBatchNorm, ProjectionStack
-from compression.build import bart_base_config
 
 
 def count(module: torch.nn.Module) -> int:

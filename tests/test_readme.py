@@ -27,9 +27,8 @@ def test_python_api_example_runs(tmp_path: Path):
 def test_seq2seq_trainer_recipe_runs_and_trains_only_the_decoder(tmp_path: Path, bart_tokenizer, shared_data: Path):
     """The README's Seq2SeqTrainer recipe, on a tiny compressed model and 32 Multi30k pairs."""
     import torch
+    from cbart.compression import load_compressed_model, save_checkpoint
     from conftest import tiny_compressed
-
-    from compression import load_compressed_model, save_checkpoint
 
     model = tiny_compressed(vocab_size=len(bart_tokenizer), positions=160)
     save_checkpoint(model, tmp_path / "compressed-ckpt", bart_tokenizer)

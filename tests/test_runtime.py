@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cbart.compression import save_checkpoint
+from cbart.compression.config import PAPER_GENERATION as PAPER
+from cbart.exporter.export import ExportOptions, export_onnx
+from cbart.runtime.generator import Seq2SeqRuntime
+from cbart.runtime.manifest import ExportDirectoryError
 from conftest import random_batch, tiny_compressed
-
-from compression import save_checkpoint
-from compression.config import PAPER_GENERATION as PAPER
-from exporter.export import ExportOptions, export_onnx
-from runtime.generator import Seq2SeqRuntime
-from runtime.manifest import ExportDirectoryError
 
 LENGTHS = [12, 5, 9]
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cbart.compression import build_from_base
+from cbart.exporter.export import ExportError, ExportOptions, export_onnx
+from cbart.exporter.pair import DRAFT_DIRECTORY, export_pair
+from cbart.runtime.generator import Seq2SeqRuntime
+from cbart.runtime.manifest import read_manifest
+from cbart.runtime.speculative import DraftLength
 from transformers import BartForConditionalGeneration
 
-from compression import build_from_base
-from exporter.export import ExportError, ExportOptions, export_onnx
-from exporter.pair import DRAFT_DIRECTORY, export_pair
-from runtime.generator import Seq2SeqRuntime
-from runtime.manifest import read_manifest
-from runtime.speculative import DraftLength
 from tests.conftest import random_batch, tiny_bart_config
 
 EOS = 2
@@ -254,7 +254,7 @@ def _pair_distribution(
     model: BartForConditionalGeneration, source: list[int], settings
 ) -> dict[tuple[int, int], float]:
     """The exact joint distribution of the first two sampled tokens: the model's logits, processed and warped."""
-    from runtime.search import process_scores, sampling_distribution
+    from cbart.runtime.search import process_scores, sampling_distribution
 
     ids = torch.tensor([source])
     start = settings.decoder_start_token_id

@@ -10,14 +10,13 @@ import json
 
 import pytest
 import torch
+from cbart.compression import save_checkpoint
+from cbart.exporter.engine_profiles import EngineLimits
+from cbart.exporter.export import ExportOptions, export_onnx, export_tensorrt
+from cbart.runtime.generator import Seq2SeqRuntime
+from cbart.runtime.manifest import ExportDirectoryError
+from cbart.runtime.trt_support import TensorRTUnavailable, require_tensorrt
 from conftest import random_batch, tiny_compressed
-
-from compression import save_checkpoint
-from exporter.engine_profiles import EngineLimits
-from exporter.export import ExportOptions, export_onnx, export_tensorrt
-from runtime.generator import Seq2SeqRuntime
-from runtime.manifest import ExportDirectoryError
-from runtime.trt_support import TensorRTUnavailable, require_tensorrt
 
 pytestmark = pytest.mark.gpu
 

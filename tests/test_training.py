@@ -7,13 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bart_config
-from transformers import BartForConditionalGeneration
-
-from compression import CheckpointError, build_from_base, load_compressed_model
-from compression.data import Collator, Example, load_records, tokenize_seq2seq
-from compression.synthetic import ReversalTask, strip_specials
-from compression.training import (
+from cbart.compression import CheckpointError, build_from_base, load_compressed_model
+from cbart.compression.data import Collator, Example, load_records, tokenize_seq2seq
+from cbart.compression.synthetic import ReversalTask, strip_specials
+from cbart.compression.training import (
     Distillation,
     Seq2SeqEvaluation,
     TrainingArguments,
@@ -22,8 +19,8 @@ from compression.training import (
     train_decoder,
     train_full_model,
 )
-from compression.training.loop import SCHEDULES, epoch_batches
-from compression.training.stages import (
+from cbart.compression.training.loop import SCHEDULES, epoch_batches
+from cbart.compression.training.stages import (
     AUTOENCODER_FILE,
     classification_accuracy,
     distillation_loss,
@@ -31,6 +28,8 @@ from compression.training.stages import (
     target_logits,
     to_classifier,
 )
+from conftest import tiny_bart_config
+from transformers import BartForConditionalGeneration
 
 TASK = ReversalTask(symbols=8, min_length=3, max_length=6)
 

@@ -1,4 +1,4 @@
-"""Entry point of ``python -m benchmarks.quality``; runs under tcmalloc where it is installed.
+"""Entry point of ``python -m cbart.benchmarks.quality``; runs under tcmalloc where it is installed.
 
 glibc's allocator returns every large tensor's pages to the kernel when it is freed, so a training
 step that allocates ~200 MB of logits pays page faults on each of them: on 2 cores tcmalloc made a
@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from benchmarks.quality.run import main
+from cbart.benchmarks.quality.run import main
 
 TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4")
 
@@ -23,7 +23,7 @@ def _relaunch_with_tcmalloc() -> None:
         print("tcmalloc not found (apt-get install libtcmalloc-minimal4): training runs ~1.7x slower", file=sys.stderr)
         return
     os.environ["LD_PRELOAD"] = f"{library}:{preload}" if preload else library
-    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.quality", *sys.argv[1:]])
+    os.execv(sys.executable, [sys.executable, "-m", "cbart.benchmarks.quality", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.quality.data import MAX_SOURCE_TOKENS, ClassificationData
-from benchmarks.quality.translation import Recipe, StageRecord, base_config, run_stage, training_arguments
+from cbart.benchmarks.quality.data import MAX_SOURCE_TOKENS, ClassificationData
+from cbart.benchmarks.quality.translation import Recipe, StageRecord, base_config, run_stage, training_arguments
 
 CLASSIFIER_EPOCHS = 4
 WARMUP_STEPS = 60  # ~1 epoch of 6,000 texts in ~5k-token batches
@@ -29,9 +29,8 @@ def _arguments(recipe: Recipe, work: Path, epochs: int, progress: bool) -> Any:
 def train_base_classifier(
     data: ClassificationData, recipe: Recipe, work: Path, epochs: int, progress: bool
 ) -> StageRecord:
+    from cbart.compression.training import train_full_model
     from transformers import BartForSequenceClassification
-
-    from compression.training import train_full_model
 
     def build() -> Any:
         config = base_config(recipe, len(data.vocabulary.kept))
@@ -52,11 +51,10 @@ def train_base_classifier(
 def train_compressed_classifier(
     data: ClassificationData, recipe: Recipe, work: Path, latents: tuple[int, ...], epochs: int, progress: bool
 ) -> StageRecord:
+    from cbart.compression import build_from_base, load_compressed_model
+    from cbart.compression.training import train_autoencoder, train_classifier
+    from cbart.compression.training.stages import to_classifier
     from transformers import BartForConditionalGeneration, BartForSequenceClassification
-
-    from compression import build_from_base, load_compressed_model
-    from compression.training import train_autoencoder, train_classifier
-    from compression.training.stages import to_classifier
 
     name = f"agnews-compressed-{latents[-1]}"
 
@@ -89,10 +87,9 @@ def train_compressed_classifier(
 
 def predict(checkpoint: Path, data: ClassificationData, compressed: bool) -> list[int]:
     """Test-set predictions of a trained classifier (PyTorch; classification has no export path yet)."""
+    from cbart.compression import load_compressed_model
+    from cbart.compression.training.stages import classify
     from transformers import BartForSequenceClassification
-
-    from compression import load_compressed_model
-    from compression.training.stages import classify
 
     model = (
         load_compressed_model(checkpoint, "classification")

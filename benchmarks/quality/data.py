@@ -129,7 +129,7 @@ def load_multi30k(
 
     ``vocabulary`` maps onto an existing model's trimmed vocabulary instead of deriving one.
     """
-    from compression.data import Example, load_records, tokenize_seq2seq
+    from cbart.compression.data import Example, load_records, tokenize_seq2seq
 
     tokenizer = load_tokenizer()
 
@@ -193,7 +193,7 @@ def load_ag_news(
     test_per_class: int = 400, max_tokens: int = MAX_SOURCE_TOKENS, limit: int | None = None
 ) -> ClassificationData:
     """AG News test.jsonl (7,600 rows), split stratified and seeded: 6,000 train / 1,600 test by default."""
-    from compression.data import Example, load_records, tokenize_classification
+    from cbart.compression.data import Example, load_records, tokenize_classification
 
     tokenizer = load_tokenizer()
     rows = load_records(shared_file("ag_news", "test.jsonl"))

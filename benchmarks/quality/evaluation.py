@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.quality.data import TranslationData
-from benchmarks.quality.translation import MAX_NEW_TOKENS
+from cbart.benchmarks.quality.data import TranslationData
+from cbart.benchmarks.quality.translation import MAX_NEW_TOKENS
 
 BATCH = 32
 TIMED_TOKENS = 32
@@ -24,7 +24,7 @@ ROUNDS = 7  # tiny models decode in ~1 ms/token: per-call noise needs more round
 
 def export(checkpoint: Path, out: Path, quantize: str | None = None) -> Path:
     """``cbart export`` of a checkpoint (reused when already there); verification runs at export."""
-    from exporter.export import ExportOptions, export_onnx
+    from cbart.exporter.export import ExportOptions, export_onnx
 
     if (out / "manifest.json").is_file():
         return out
@@ -33,7 +33,7 @@ def export(checkpoint: Path, out: Path, quantize: str | None = None) -> Path:
 
 
 def open_runtime(directory: Path, threads: int) -> Any:
-    from runtime.generator import Seq2SeqRuntime
+    from cbart.runtime.generator import Seq2SeqRuntime
 
     return Seq2SeqRuntime.from_dir(directory, threads=threads, check_files=False)
 
@@ -76,7 +76,7 @@ def decode_ms_per_token(
 
 def decoder_parameters(checkpoint: Path) -> int:
     """Decoder parameters incl. its embedding (tied to the LM head), as the paper counts them."""
-    from exporter.export import load_model
+    from cbart.exporter.export import load_model
 
     model = load_model(checkpoint)
     return sum(p.numel() for p in model.model.decoder.parameters())

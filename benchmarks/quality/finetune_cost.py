@@ -1,6 +1,6 @@
 """Fine-tuning cost on real batches: full fine-tuning of the base vs the paper's stage 2.
 
-Each measurement runs in a fresh process (``python -m benchmarks.quality.finetune_cost``) so its
+Each measurement runs in a fresh process (``python -m cbart.benchmarks.quality.finetune_cost``) so its
 peak RSS (VmHWM) is its own. Full fine-tuning trains every weight of the base; stage 2 trains the
 narrow decoder with the encoder and compressor frozen, which is where the paper's memory saving
 comes from (no gradients or optimizer state for the encoder, no activations kept for it).
@@ -23,14 +23,13 @@ MAX_TOKENS = 5000
 
 def measure(checkpoint: Path, mode: str, threads: int) -> dict[str, Any]:
     import torch
-
-    from benchmarks.quality.data import load_multi30k, read_vocabulary
-    from benchmarks.worker import peak_rss_mib
-    from compression.data import Collator
-    from compression.training import TrainingArguments
-    from compression.training.loop import epoch_batches
-    from compression.training.stages import label_loss, target_logits
-    from exporter.export import load_model
+    from cbart.benchmarks.quality.data import load_multi30k, read_vocabulary
+    from cbart.benchmarks.worker import peak_rss_mib
+    from cbart.compression.data import Collator
+    from cbart.compression.training import TrainingArguments
+    from cbart.compression.training.loop import epoch_batches
+    from cbart.compression.training.stages import label_loss, target_logits
+    from cbart.exporter.export import load_model
 
     torch.set_num_threads(threads)
     data = load_multi30k(train_rows=4000, eval_rows=1, vocabulary=read_vocabulary(checkpoint.parent))
@@ -63,7 +62,7 @@ def measure_in_subprocess(checkpoint: Path, mode: str, threads: int) -> dict[str
     command = [
         sys.executable,
         "-m",
-        "benchmarks.quality.finetune_cost",
+        "cbart.benchmarks.quality.finetune_cost",
         str(checkpoint),
         mode,
         "--threads",

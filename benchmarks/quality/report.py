@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.plotting import pyplot
+from cbart.benchmarks.plotting import pyplot
 
 
 def translation_table(rows: list[dict[str, Any]]) -> str:

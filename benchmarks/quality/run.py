@@ -1,4 +1,4 @@
-"""``python -m benchmarks.quality``: train, export, score and time every model of the quality benchmark.
+"""``python -m cbart.benchmarks.quality``: train, export, score and time every model of the quality benchmark.
 
 Stages (each reused from ``--work`` when finished, resumed from its latest epoch when not):
 
@@ -27,9 +27,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.quality import classification, evaluation, report, sequence_kd, stats, translation
-from benchmarks.quality.data import ROOT, SHARED, TranslationData, load_ag_news, load_multi30k, save_vocabulary
-from benchmarks.quality.finetune_cost import measure_in_subprocess
+from cbart.benchmarks.quality import classification, evaluation, report, sequence_kd, stats, translation
+from cbart.benchmarks.quality.data import ROOT, SHARED, TranslationData, load_ag_news, load_multi30k, save_vocabulary
+from cbart.benchmarks.quality.finetune_cost import measure_in_subprocess
 
 RECIPE_FILE = "recipe.json"
 EPOCH_FIELDS = ("base_epochs", "decoder_epochs", "autoencoder_epochs")
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, timing = evaluate_translation(list(records), data, work, args.threads)
     payload = {
         "date": datetime.date.today().isoformat(),
-        "command": " ".join(["python -m benchmarks.quality", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m cbart.benchmarks.quality", *(argv if argv is not None else sys.argv[1:])]),
         "minutes": round((time.perf_counter() - started) / 60, 1),
         "machine": machine(),
         "recipe": asdict(recipe),

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.quality import evaluation
-from benchmarks.quality.data import TranslationData
-from benchmarks.quality.translation import MAX_NEW_TOKENS
+from cbart.benchmarks.quality import evaluation
+from cbart.benchmarks.quality.data import TranslationData
+from cbart.benchmarks.quality.translation import MAX_NEW_TOKENS
 
 CACHE = "base-train-greedy.json"
 BATCH = 64
@@ -31,7 +31,7 @@ def as_labels(sequence: Sequence[int], decoder_start: int, pad: int) -> list[int
 
 def base_translations(data: TranslationData, work: Path, threads: int) -> list[Any]:
     """``data.train`` with the base model's greedy translations as labels (computed once, then read)."""
-    from compression.data import Example
+    from cbart.compression.data import Example
 
     cache = work / CACHE
     if cache.is_file():

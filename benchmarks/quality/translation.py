@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.quality.data import MAX_SOURCE_TOKENS, TranslationData
+from cbart.benchmarks.quality.data import MAX_SOURCE_TOKENS, TranslationData
 
 GREEDY = {"num_beams": 1}
 BEAM4 = {"num_beams": 4, "length_penalty": 1.0, "early_stopping": True}
@@ -95,7 +95,7 @@ def base_config(recipe: Recipe, vocab_size: int) -> Any:
 
 
 def training_arguments(recipe: Recipe, directory: Path, epochs: int, progress: bool) -> Any:
-    from compression.training import TrainingArguments
+    from cbart.compression.training import TrainingArguments
 
     return TrainingArguments(
         directory,
@@ -118,9 +118,8 @@ def generate_texts(
 ) -> list[str]:
     """PyTorch ``generate()`` over a split (the per-epoch validation; test scores come from the runtime)."""
     import torch
-
-    from compression.data import Collator
-    from compression.training.stages import evaluation_mode
+    from cbart.compression.data import Collator
+    from cbart.compression.training.stages import evaluation_mode
 
     collate = Collator(model.config.pad_token_id)
 
@@ -141,7 +140,7 @@ def generate_texts(
 
 def validation_bleu(model: Any, data: TranslationData) -> Callable[[], dict[str, float]]:
     """The per-epoch evaluation: greedy BLEU on the validation split (model selection never sees test)."""
-    from compression.metrics import bleu
+    from cbart.compression.metrics import bleu
 
     def evaluate() -> dict[str, float]:
         translations = generate_texts(model, data, "validation", GREEDY)
@@ -151,7 +150,7 @@ def validation_bleu(model: Any, data: TranslationData) -> Callable[[], dict[str,
 
 
 def latest_epoch(directory: Path) -> Path | None:
-    from compression.training.loop import CHECKPOINTS
+    from cbart.compression.training.loop import CHECKPOINTS
 
     epochs = sorted((directory / CHECKPOINTS).glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
     return epochs[-1] if epochs else None
@@ -220,7 +219,7 @@ def run_stage(
     of the last ``average_last`` epochs' weights, or the single best epoch if that scores higher on
     validation.
     """
-    from compression.checkpoint import save_checkpoint
+    from cbart.compression.checkpoint import save_checkpoint
 
     final = work / name
     if (final / "config.json").is_file():
@@ -261,9 +260,8 @@ def select_weights(
     evaluate: Callable[[], dict[str, float]],
 ) -> tuple[str, float]:
     """Load the better (on validation BLEU) of: the last epochs' mean, or the best single epoch."""
+    from cbart.compression.training.loop import CHECKPOINTS
     from safetensors.torch import load_file
-
-    from compression.training.loop import CHECKPOINTS
 
     per_epoch = {int(e["epoch"]): e["validation_bleu"] for e in evaluations if "validation_bleu" in e}
     best_epoch = max(per_epoch, key=lambda epoch: per_epoch[epoch])
@@ -282,9 +280,8 @@ def select_weights(
 
 def train_base(data: TranslationData, recipe: Recipe, work: Path, progress: bool = True) -> StageRecord:
     """The full-width model trained from scratch (stands in for the paper's fine-tuned bart-base)."""
+    from cbart.compression.training import train_full_model
     from transformers import BartForConditionalGeneration
-
-    from compression.training import train_full_model
 
     return run_stage(
         "base",
@@ -325,10 +322,9 @@ def train_compressed(
     Every variant starts from the same stage-1 autoencoder, so they differ only in stage 2: its loss
     (``distilled``) or its targets (``seqkd`` trains on ``examples``, the base's translations).
     """
+    from cbart.compression import build_from_base, load_compressed_model
+    from cbart.compression.training import Distillation, train_autoencoder, train_decoder
     from transformers import BartForConditionalGeneration
-
-    from compression import build_from_base, load_compressed_model
-    from compression.training import Distillation, train_autoencoder, train_decoder
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown stage-2 variant {variant!r}; choose one of {sorted(VARIANTS)}")

@@ -1,8 +1,8 @@
 """Training of the compressed model: stage 1 (autoencoder) and stage 2 (narrow decoder / classifier),
 and the full-model fine-tuning they are compared against."""
 
-from compression.training.loop import TrainingArguments, TrainResult
-from compression.training.stages import (
+from cbart.compression.training.loop import TrainingArguments, TrainResult
+from cbart.compression.training.stages import (
     Distillation,
     Seq2SeqEvaluation,
     evaluate_generation,

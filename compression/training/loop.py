@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from cbart.compression.checkpoint import CheckpointError
 from tqdm.auto import tqdm
-
-from compression.checkpoint import CheckpointError
 
 Batch = dict[str, torch.Tensor]
 CHECKPOINTS = "checkpoints"
@@ -258,7 +257,7 @@ def _autocast(args: TrainingArguments) -> contextlib.AbstractContextManager[Any]
 
 
 def _load_resume_state(directory: Path, compatibility: dict[str, Any]) -> dict[str, Any]:
-    from compression.checkpoint import load_training_state
+    from cbart.compression.checkpoint import load_training_state
 
     state = load_training_state(directory)
     saved = state.get("compatibility", {})

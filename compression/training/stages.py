@@ -17,22 +17,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from cbart.compression.autoencoder import LatentAutoencoder, reconstruction_loss
+from cbart.compression.build import encoder_mismatch
+from cbart.compression.checkpoint import save_checkpoint
+from cbart.compression.data import Collator, Example
+from cbart.compression.metrics import TEXT_METRICS, accuracy
+from cbart.compression.modeling import (
+    CompressedBartForConditionalGeneration,
+    CompressedBartForSequenceClassification,
+)
+from cbart.compression.training.loop import CHECKPOINTS, TrainingArguments, TrainResult, fit
 from safetensors.torch import load_file, save
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.bart.modeling_bart import shift_tokens_right
-
-from compression.autoencoder import LatentAutoencoder, reconstruction_loss
-from compression.build import encoder_mismatch
-from compression.checkpoint import save_checkpoint
-from compression.data import Collator, Example
-from compression.metrics import TEXT_METRICS, accuracy
-from compression.modeling import (
-    CompressedBartForConditionalGeneration,
-    CompressedBartForSequenceClassification,
-)
-from compression.training.loop import CHECKPOINTS, TrainingArguments, TrainResult, fit
 
 AUTOENCODER_FILE = "autoencoder.safetensors"
 CompressedModel = CompressedBartForConditionalGeneration | CompressedBartForSequenceClassification

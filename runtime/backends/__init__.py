@@ -1,5 +1,5 @@
 """Backends run the exported graphs; search algorithms above them are shared (``runtime.search``)."""
 
-from runtime.backends.base import Backend, EncodedBatch
+from cbart.runtime.backends.base import Backend, EncodedBatch
 
 __all__ = ["Backend", "EncodedBatch"]

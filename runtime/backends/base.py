@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
-from runtime.manifest import Manifest
-from runtime.search import DecoderSession
+from cbart.runtime.manifest import Manifest
+from cbart.runtime.search import DecoderSession
 
 
 @dataclass

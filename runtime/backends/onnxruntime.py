@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
-from runtime.backends.base import EncodedBatch
-from runtime.lm_head_screen import HIDDEN, RESIDUAL, SWITCH, LogitScreen
-from runtime.manifest import Manifest
+from cbart.runtime.backends.base import EncodedBatch
+from cbart.runtime.lm_head_screen import HIDDEN, RESIDUAL, SWITCH, LogitScreen
+from cbart.runtime.manifest import Manifest
 
 DEVICE_PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],

@@ -11,10 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from runtime.backends.base import EncodedBatch
-from runtime.manifest import ExportDirectoryError, Manifest, ModelDims
-from runtime.trt_support import check_request, cuda_compute_capability, import_tensorrt
+from cbart.runtime.backends.base import EncodedBatch
+from cbart.runtime.manifest import ExportDirectoryError, Manifest, ModelDims
+from cbart.runtime.trt_support import check_request, cuda_compute_capability, import_tensorrt
 
 import_tensorrt()  # a clear error when TensorRT is missing (or only its type stubs are installed)
 import tensorrt as trt  # noqa: E402

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from runtime.backends.base import EncodedBatch
-from runtime.manifest import ExportDirectoryError, Manifest
+from cbart.runtime.backends.base import EncodedBatch
+from cbart.runtime.manifest import ExportDirectoryError, Manifest
 
 
 class TorchBackend:

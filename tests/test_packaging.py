@@ -1,0 +1,47 @@
+"""The wheel installs one top-level package, ``cbart``; the repository's folders map into it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_installs_only_the_cbart_namespace(tmp_path: Path):
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", str(ROOT), "-w", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = tmp_path.glob("cbart-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {"cbart", wheel.name.split("-py3")[0] + ".dist-info"}
+    for module in ("compression/modeling.py", "exporter/export.py", "runtime/generator.py", "benchmarks/worker.py"):
+        assert f"cbart/{module}" in names
+    target = tmp_path / "site"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    script = (
+        "import cbart.runtime.generator as g, cbart.exporter.export as e, cbart.compression as c\n"
+        "print(g.__file__); print(e.__file__); print(c.__file__)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert all(line.startswith(str(target)) for line in completed.stdout.splitlines())
