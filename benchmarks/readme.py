@@ -228,7 +228,7 @@ def quality_section(data: dict) -> str:
 
 
 def speculative_section(data: dict) -> str:
-    """``python -m cbart.benchmarks.speculative``: speed-up at identical output, acceptance, where the time goes."""
+    """``cbart bench speculative``: speed-up at identical output, acceptance, where the time goes."""
     machine = data["machine"]
     parts = [
         f"#### `{data['command']}` ({data['date']}, {data['minutes']} minutes; {machine['cpu']}, flags "

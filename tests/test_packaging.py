@@ -45,3 +45,20 @@ def test_wheel_installs_only_the_cbart_namespace(tmp_path: Path):
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert all(line.startswith(str(target)) for line in completed.stdout.splitlines())
+
+
+def test_no_module_imports_the_folders_by_their_top_level_names():
+    """From the repository root `import runtime` would still work (the folder is on sys.path), but not once
+    installed: every import goes through the cbart namespace."""
+    import re
+
+    pattern = re.compile(r"^\s*(from|import) (compression|exporter|runtime|benchmarks)\b", re.M)
+    folders = ("cbart", "compression", "exporter", "runtime", "benchmarks", "tests", "tools")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{text[: match.start()].count(chr(10)) + 1}"
+        for folder in folders
+        for path in (ROOT / folder).rglob("*.py")
+        for text in [path.read_text(encoding="utf-8")]
+        for match in pattern.finditer(text)
+    ]
+    assert not offenders, offenders
