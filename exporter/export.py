@@ -21,7 +21,16 @@ from cbart.exporter.onnx_export import export_graph, export_torchscript, graph_d
 from cbart.exporter.variants import convert_to_fp16, optimize_graph, quantize_int8
 from cbart.exporter.verify import Tolerance, VerificationReport, compare_generation, compare_graphs
 from cbart.runtime.lm_head_screen import BOUNDS_FILE, HIDDEN, RESIDUAL, ROWS_FILE, SWITCH
-from cbart.runtime.manifest import MANIFEST, Manifest, ModelDims, SpecialTokens, TensorSpec, file_entries
+from cbart.runtime.manifest import (
+    DECODER_STEP,
+    ENCODER,
+    MANIFEST,
+    Manifest,
+    ModelDims,
+    SpecialTokens,
+    TensorSpec,
+    file_entries,
+)
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BartForConditionalGeneration
 
@@ -223,9 +232,9 @@ def write_onnx(
     torch_graphs: dict[str, str] = {}
     fused: dict[str, dict[str, int]] = {}
     dims = model_dims(model)
-    definitions = graph_definitions(model, options.fuse_encoder, fused_attention)
+    definitions = graph_definitions(model, options.fuse_encoder, fused_attention, last_logits_only=draft)
     if draft:
-        definitions = [definition for definition in definitions if definition.name != "encoder"]
+        definitions = [definition for definition in definitions if definition.name != ENCODER]
     for definition in tqdm(
         definitions, desc="exporting draft graphs" if draft else "exporting graphs", disable=not options.progress
     ):
@@ -234,7 +243,7 @@ def write_onnx(
             torch_graphs[definition.name] = export_torchscript(definition, tmp)
         path = tmp / graphs[definition.name].file
         if options.optimize:
-            is_encoder = definition.name == "encoder"
+            is_encoder = definition.name == ENCODER
             heads = model.config.encoder_attention_heads if is_encoder else model.config.decoder_attention_heads
             width = dims.base_width if is_encoder else dims.latent_width
             fused[definition.name] = optimize_graph(path, heads, width, fuse_attention=is_encoder)
@@ -242,12 +251,13 @@ def write_onnx(
             convert_to_fp16(path)
         if options.quantize == "int8":
             quantize_int8(path)
-        if screen_lm_head and definition.name == "decoder_step":
+        if screen_lm_head and definition.name == DECODER_STEP:
             add_screened_lm_head(path)
             spec = graphs[definition.name]
             spec.inputs.append(TensorSpec(SWITCH, "bool", []))
+            positions = spec.outputs[0].shape[1]  # the logits' ("target_length", or 1 for a draft)
             for name in (HIDDEN, RESIDUAL):
-                spec.outputs.append(TensorSpec(name, "float32", ["decoder_batch", "target_length", dims.latent_width]))
+                spec.outputs.append(TensorSpec(name, "float32", ["decoder_batch", positions, dims.latent_width]))
     has_tokenizer = not draft and _copy_tokenizer(checkpoint, options.tokenizer, tmp / "tokenizer")
     if not has_tokenizer:
         shutil.rmtree(tmp / "tokenizer", ignore_errors=True)

@@ -239,11 +239,18 @@ class DecoderStepGraph(nn.Module):
     small ops, and the ~18 that spell out one cached attention cost more than its arithmetic.
     Cross-attention stays spelled out: its K/V rows are shared by the beams of a source, which the fused
     kernel cannot express.
+
+    ``last_logits_only``: ``logits`` at the last new position only, [B, 1, vocab] -- a speculative pair's
+    draft, which catches up on several tokens after plain full-model steps but only ever proposes from
+    the last one; its LM head then runs once, not once per fed token.
     """
 
-    def __init__(self, model: BartForConditionalGeneration, fused_attention: bool = False) -> None:
+    def __init__(
+        self, model: BartForConditionalGeneration, fused_attention: bool = False, last_logits_only: bool = False
+    ) -> None:
         super().__init__()
         self.fused_attention = fused_attention
+        self.last_logits_only = last_logits_only
         decoder = model.model.decoder
         self.embed_tokens = decoder.embed_tokens
         self.embed_positions = decoder.embed_positions
@@ -285,6 +292,8 @@ class DecoderStepGraph(nn.Module):
                 layer, hidden, past[2 * index : 2 * index + 2], cross[2 * index : 2 * index + 2], step
             )
             presents += [key, value]
+        if self.last_logits_only:
+            hidden = hidden[:, -1:]
         logits = self.lm_head(hidden) + self.final_logits_bias
         return (logits, *presents)
 

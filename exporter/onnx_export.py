@@ -16,7 +16,21 @@ from cbart.exporter.graphs import (
     FusedEncoderGraph,
     model_parts,
 )
-from cbart.runtime.manifest import GraphSpec, TensorSpec
+from cbart.runtime.manifest import (
+    AUTOENCODER,
+    CROSS,
+    CROSS_KV,
+    DECODER_STEP,
+    ENCODER,
+    PAST,
+    PRESENT,
+    STEP_ENCODER_MASK,
+    STEP_INPUT_IDS,
+    STEP_LOGITS,
+    GraphSpec,
+    TensorSpec,
+    cache_names,
+)
 from torch import nn
 from transformers import BartForConditionalGeneration
 
@@ -35,27 +49,26 @@ class GraphDefinition:
     input_dtypes: dict[str, str]
 
 
-def cache_names(prefix: str, layers: int) -> list[str]:
-    """``prefix_key_0, prefix_value_0, prefix_key_1, ...``: the per-layer cache tensors of a graph."""
-    return [f"{prefix}_{kind}_{layer}" for layer in range(layers) for kind in ("key", "value")]
-
-
 def _caches(prefix: str, batch: str, length: str, dims: dict[str, int]) -> dict[str, list[str | int]]:
     """Per-layer cache shapes; cross keys are pre-transposed ([batch, heads, head_dim, length])."""
     shapes: dict[str, list[str | int]] = {}
     for name in cache_names(prefix, dims["layers"]):
-        transposed = prefix == "cross" and "_key_" in name
+        transposed = prefix == CROSS and "_key_" in name
         tail: list[str | int] = [dims["head_dim"], length] if transposed else [length, dims["head_dim"]]
         shapes[name] = [batch, dims["heads"], *tail]
     return shapes
 
 
 def graph_definitions(
-    model: BartForConditionalGeneration, fuse_encoder: bool, fused_attention: bool = False
+    model: BartForConditionalGeneration,
+    fuse_encoder: bool,
+    fused_attention: bool = False,
+    last_logits_only: bool = False,
 ) -> list[GraphDefinition]:
     """The graphs of the export directory and how their axes are named (see ``exporter.graphs``).
 
     ``fused_attention`` exports the encoder's and the decoder step's self-attention as ONNX Runtime contrib nodes.
+    ``last_logits_only``: the decoder step's logits at the last new position only (a speculative pair's draft).
     """
     config = model.config
     _, compressor = model_parts(model)
@@ -75,7 +88,7 @@ def graph_definitions(
     if fuse_encoder or compressor is None:
         definitions.append(
             GraphDefinition(
-                "encoder",
+                ENCODER,
                 FusedEncoderGraph(model, fused_attention),
                 (ids, mask),
                 source_axes,
@@ -86,7 +99,7 @@ def graph_definitions(
     else:
         definitions.append(
             GraphDefinition(
-                "encoder",
+                ENCODER,
                 EncoderGraph(model, fused_attention),
                 (ids, mask),
                 source_axes,
@@ -96,7 +109,7 @@ def graph_definitions(
         )
         definitions.append(
             GraphDefinition(
-                "autoencoder",
+                AUTOENCODER,
                 AutoencoderGraph(model),
                 (torch.zeros(sources, length, base_width),),
                 {"hidden_states": ["batch", "source_length", base_width]},
@@ -107,11 +120,11 @@ def graph_definitions(
     layers = dims["layers"]
     definitions.append(
         GraphDefinition(
-            "cross_kv",
+            CROSS_KV,
             CrossKVGraph(model),
             (memory,),
             {"memory": ["batch", "source_length", config.d_model]},
-            _caches("cross", "batch", "source_length", dims),
+            _caches(CROSS, "batch", "source_length", dims),
             {"memory": "float"},
         )
     )
@@ -122,22 +135,22 @@ def graph_definitions(
         for i in range(2 * layers)
     ]
     step_inputs: dict[str, list[str | int]] = {
-        "input_ids": ["decoder_batch", "target_length"],
-        "encoder_attention_mask": ["batch", "source_length"],
-        **_caches("past", "decoder_batch", "past_length", dims),
-        **_caches("cross", "batch", "source_length", dims),
+        STEP_INPUT_IDS: ["decoder_batch", "target_length"],
+        STEP_ENCODER_MASK: ["batch", "source_length"],
+        **_caches(PAST, "decoder_batch", "past_length", dims),
+        **_caches(CROSS, "batch", "source_length", dims),
     }
     definitions.append(
         GraphDefinition(
-            "decoder_step",
-            DecoderStepGraph(model, fused_attention),
+            DECODER_STEP,
+            DecoderStepGraph(model, fused_attention, last_logits_only),
             (torch.tensor([[2], [0], [5], [6]]), mask, *past, *cross),
             step_inputs,
             {
-                "logits": ["decoder_batch", "target_length", config.vocab_size],
-                **_caches("present", "decoder_batch", "past_length + target_length", dims),
+                STEP_LOGITS: ["decoder_batch", 1 if last_logits_only else "target_length", config.vocab_size],
+                **_caches(PRESENT, "decoder_batch", "past_length + target_length", dims),
             },
-            {name: ("int64" if name in ("input_ids", "encoder_attention_mask") else "float") for name in step_inputs},
+            {name: ("int64" if name in (STEP_INPUT_IDS, STEP_ENCODER_MASK) else "float") for name in step_inputs},
         )
     )
     return definitions

@@ -19,7 +19,7 @@ from cbart.exporter.graphs import AutoencoderGraph, CrossKVGraph, DecoderStepGra
 from cbart.runtime.backends.onnxruntime import session_options
 from cbart.runtime.generator import Seq2SeqRuntime
 from cbart.runtime.lm_head_screen import HIDDEN, RESIDUAL, SWITCH
-from cbart.runtime.manifest import read_manifest
+from cbart.runtime.manifest import AUTOENCODER, CROSS, CROSS_KV, DECODER_STEP, ENCODER, PAST, read_manifest
 from transformers import BartForConditionalGeneration
 
 SOURCE_BATCHES = ((6,), (11, 4, 8))
@@ -136,30 +136,31 @@ def compare_graphs(
     }
     report = VerificationReport()
     compare = _Comparer(report, tolerance)
-    fused = "autoencoder" not in sessions
+    fused = AUTOENCODER not in sessions
     encoder = FusedEncoderGraph(model) if fused else EncoderGraph(model)
-    cross_graph, step_graph = CrossKVGraph(model), DecoderStepGraph(model)
+    cross_graph = CrossKVGraph(model)
+    step_graph = DecoderStepGraph(model, last_logits_only=manifest.last_position_logits)
     autoencoder = None if fused else AutoencoderGraph(model)
     dims = manifest.model
     with torch.no_grad():
         for ids, mask in source_batches(dims.vocab_size):
             case = f"batch {ids.shape[0]}, source length {ids.shape[1]}"
             states = encoder(torch.from_numpy(ids), torch.from_numpy(mask))
-            if "encoder" in sessions:  # a speculative pair's draft has none: it reads the full model's encoder
-                actual = sessions["encoder"].run(None, {"input_ids": ids, "attention_mask": mask})[0]
-                compare("encoder", manifest.graphs["encoder"].outputs[0].name, case, actual, states)
+            if ENCODER in sessions:  # a speculative pair's draft has none: it reads the full model's encoder
+                actual = sessions[ENCODER].run(None, {"input_ids": ids, "attention_mask": mask})[0]
+                compare(ENCODER, manifest.graphs[ENCODER].outputs[0].name, case, actual, states)
             if autoencoder is not None:
                 hidden = states
                 states = autoencoder(hidden)
-                actual = sessions["autoencoder"].run(None, {"hidden_states": _float(hidden, manifest)})[0]
-                compare("autoencoder", "memory", case, actual, states)
+                actual = sessions[AUTOENCODER].run(None, {"hidden_states": _float(hidden, manifest)})[0]
+                compare(AUTOENCODER, "memory", case, actual, states)
             cross = cross_graph(states)
-            actual_cross = sessions["cross_kv"].run(None, {"memory": _float(states, manifest)})
-            for spec, actual, expected in zip(manifest.graphs["cross_kv"].outputs, actual_cross, cross, strict=True):
-                compare("cross_kv", spec.name, case, actual, expected)
+            actual_cross = sessions[CROSS_KV].run(None, {"memory": _float(states, manifest)})
+            for spec, actual, expected in zip(manifest.graphs[CROSS_KV].outputs, actual_cross, cross, strict=True):
+                compare(CROSS_KV, spec.name, case, actual, expected)
             for rows_per_source in (1, 2):
                 _compare_steps(
-                    sessions["decoder_step"], step_graph, cross, mask, rows_per_source, manifest, compare, case
+                    sessions[DECODER_STEP], step_graph, cross, mask, rows_per_source, manifest, compare, case
                 )
     report.passed = all(c.passed for c in report.comparisons)
     return report
@@ -176,8 +177,8 @@ def _compare_steps(session, step_graph, cross, mask, rows_per_source, manifest, 
     rng = np.random.default_rng(rows)
     past = [torch.zeros(rows, dims.decoder_attention_heads, 0, dims.head_dim) for _ in cross]
     mask_tensor = torch.from_numpy(mask)
-    spec = manifest.graphs["decoder_step"]
-    cache_inputs = [tensor.name for tensor in spec.inputs if tensor.name.startswith(("past_", "cross_"))]
+    spec = manifest.graphs[DECODER_STEP]
+    cache_inputs = [*manifest.cache_names(PAST), *manifest.cache_names(CROSS)]
     compared = [tensor.name for tensor in spec.outputs if tensor.name not in (HIDDEN, RESIDUAL)]  # screen inputs
     for past_length, steps in ((0, 1), (1, 3), (4, 1)):
         tokens = rng.integers(4, dims.vocab_size, (rows, steps)).astype(np.int64)
@@ -193,7 +194,7 @@ def _compare_steps(session, step_graph, cross, mask, rows_per_source, manifest, 
         actual = session.run(compared, feeds)
         label = f"{case}, {rows_per_source} rows/source, past {past_length}, {steps} new"
         for name, got, want in zip(compared, actual, expected, strict=True):
-            compare("decoder_step", name, label, got, want)
+            compare(DECODER_STEP, name, label, got, want)
         past = list(expected[1:])
 
 

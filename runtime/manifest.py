@@ -23,6 +23,19 @@ class ExportDirectoryError(RuntimeError):
     """An export directory is missing, tampered with, or from an unknown format version."""
 
 
+# The named contract: the graphs of an export directory and the tensors the runtimes bind, by name. The exporter
+# writes these names, every backend binds by them, and the C++ runtime mirrors them (runtime/cpp/src/contract.*).
+ENCODER, AUTOENCODER, CROSS_KV, DECODER_STEP = "encoder", "autoencoder", "cross_kv", "decoder_step"
+STEP_INPUT_IDS, STEP_ENCODER_MASK, STEP_LOGITS = "input_ids", "encoder_attention_mask", "logits"
+PAST, PRESENT, CROSS = "past", "present", "cross"
+
+
+def cache_names(prefix: str, layers: int) -> list[str]:
+    """``prefix_key_0, prefix_value_0, prefix_key_1, ...``: the per-layer cache tensors (``PAST``, ``PRESENT``
+    or ``CROSS``) of a decoder step, in the order the step takes or returns them."""
+    return [f"{prefix}_{kind}_{layer}" for layer in range(layers) for kind in ("key", "value")]
+
+
 @dataclass
 class TensorSpec:
     name: str
@@ -106,6 +119,16 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
 
+    def cache_names(self, prefix: str) -> list[str]:
+        """This export's ``PAST``, ``PRESENT`` or ``CROSS`` tensor names."""
+        return cache_names(prefix, self.model.decoder_layers)
+
+    @property
+    def last_position_logits(self) -> bool:
+        """Whether the decoder step returns logits at the last new position only ([rows, 1, vocab]): a
+        speculative pair's draft, which only proposes from the last position it was fed."""
+        return self.graphs[DECODER_STEP].outputs[0].shape[1] == 1
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         return cls(
@@ -170,9 +193,38 @@ def read_manifest(directory: str | Path, check_files: bool = True) -> Manifest:
         manifest = Manifest.from_dict(data)
     except (KeyError, TypeError) as error:
         raise ExportDirectoryError(f"{path} is incomplete or malformed: {error!r}") from error
+    check_contract(directory, manifest)
     if check_files:
         verify_files(directory, manifest)
     return manifest
+
+
+def contract_names(manifest: Manifest) -> dict[str, tuple[list[str], list[str]]]:
+    """The tensors the runtimes bind by name: graph -> (inputs, outputs) that graph must have."""
+    return {
+        CROSS_KV: ([], manifest.cache_names(CROSS)),
+        DECODER_STEP: (
+            [STEP_INPUT_IDS, STEP_ENCODER_MASK, *manifest.cache_names(PAST), *manifest.cache_names(CROSS)],
+            [STEP_LOGITS, *manifest.cache_names(PRESENT)],
+        ),
+    }
+
+
+def check_contract(directory: Path, manifest: Manifest) -> None:
+    """Refuse, naming the tensor, a graph that lacks a name the runtimes bind (e.g. written by another exporter)."""
+    for graph, (inputs, outputs) in contract_names(manifest).items():
+        if graph not in manifest.graphs:
+            raise ExportDirectoryError(f"{directory} has no {graph} graph in its manifest; re-run `cbart export`")
+        spec = manifest.graphs[graph]
+        for kind, wanted, present in (("input", inputs, spec.inputs), ("output", outputs, spec.outputs)):
+            missing = [name for name in wanted if name not in {tensor.name for tensor in present}]
+            if missing:
+                raise ExportDirectoryError(
+                    f"{graph} in {directory} has no {kind} {missing[0]!r}"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    + f"; the runtimes bind {kind}s by name ({', '.join(wanted[:3])}, ...). Re-export with "
+                    "`cbart export`"
+                )
 
 
 def verify_files(directory: Path, manifest: Manifest) -> None:

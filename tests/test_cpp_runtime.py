@@ -100,6 +100,34 @@ def test_cpp_errors_are_clear_and_do_not_crash(binary, exported, tmp_path):
     assert completed.returncode == 1 and "has no manifest.json" in completed.stderr
 
 
+def test_both_runtimes_bind_by_name_and_refuse_the_same_broken_contract(binary, exported, tmp_path):
+    """Names the runtimes bind (runtime/manifest.py's contract, mirrored in contract.hpp), renamed in a real
+    export's manifest: Python and C++ both refuse the directory, naming that same tensor."""
+    from cbart.runtime.manifest import ExportDirectoryError, contract_names, read_manifest
+
+    _, directory = exported
+    manifest = json.loads((directory / "manifest.json").read_text())
+    contract = contract_names(read_manifest(directory))
+    assert contract["decoder_step"][0][:4] == ["input_ids", "encoder_attention_mask", "past_key_0", "past_value_0"]
+    assert contract["decoder_step"][1][:3] == ["logits", "present_key_0", "present_value_0"]
+    copy = tmp_path / "broken"
+    shutil.copytree(directory, copy)
+    for graph, (inputs, outputs) in contract.items():
+        for side, names in (("inputs", inputs), ("outputs", outputs)):
+            for name in {*names[:1], *names[-1:]}:  # the first and the last name of each list
+                broken = json.loads(json.dumps(manifest))
+                for tensor in broken["graphs"][graph][side]:
+                    if tensor["name"] == name:
+                        tensor["name"] = f"{name}_renamed"
+                (copy / "manifest.json").write_text(json.dumps(broken))
+                expected = f"{graph} in {copy} has no {side[:-1]} '{name}'"
+                with pytest.raises(ExportDirectoryError) as error:
+                    read_manifest(copy, check_files=False)
+                assert str(error.value).startswith(expected), str(error.value)
+                completed = run(binary, copy, [{"input_ids": [[0, 5, 2]]}])
+                assert completed.returncode == 1 and expected in completed.stderr, completed.stderr
+
+
 def test_cpp_screened_greedy_on_a_larger_vocabulary(binary, tmp_path):
     """600 tokens: the screen prunes most of them (96-token models mostly fall back to the whole head)."""
     model = tiny_compressed("paper", seed=5, vocab_size=600, positions=80)

@@ -10,9 +10,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _source_copy(target: Path) -> Path:
+    """The files a wheel is built from, copied (a build in the repository would leave build/ and egg-info)."""
+    import shutil
+
+    ignore = shutil.ignore_patterns("__pycache__", ".cache", "build", "results", "*.egg-info")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, target / name)
+    for folder in ("cbart", "compression", "exporter", "runtime", "benchmarks"):
+        shutil.copytree(ROOT / folder, target / folder, ignore=ignore)
+    return target
+
+
 def test_wheel_installs_only_the_cbart_namespace(tmp_path: Path):
+    (tmp_path / "source").mkdir()
+    source = _source_copy(tmp_path / "source")
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", str(ROOT), "-w", str(tmp_path)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", str(source), "-w", str(tmp_path)],
         capture_output=True,
         text=True,
         check=False,

@@ -149,6 +149,15 @@ def test_pair_manifest_and_layout(pairs):
     assert "encoder" not in draft_manifest.graphs and "autoencoder" in draft_manifest.graphs
     assert not (pairs["compressed-int8"] / DRAFT_DIRECTORY / "tokenizer").exists()
     assert read_manifest(pairs["itself"]).verification["draft_acceptance"] == 1.0
+    # the draft's LM head runs at the last fed position only (it catches up on several tokens after plain
+    # steps); an fp32 draft's screened head follows suit, and the full model's step keeps every position
+    assert draft_manifest.last_position_logits and not manifest.last_position_logits
+    assert draft_manifest.graphs["decoder_step"].outputs[0].shape[1] == 1
+    screened = read_manifest(pairs["noisy"] / DRAFT_DIRECTORY)
+    assert screened.lm_head_screen and [spec.shape[1] for spec in screened.graphs["decoder_step"].outputs[-2:]] == [
+        1,
+        1,
+    ]
 
 
 def test_streaming_through_a_pair_yields_the_greedy_tokens(full, pairs):

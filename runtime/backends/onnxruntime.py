@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 from cbart.runtime.backends.base import EncodedBatch
 from cbart.runtime.lm_head_screen import HIDDEN, RESIDUAL, SWITCH, LogitScreen
-from cbart.runtime.manifest import Manifest
+from cbart.runtime.manifest import AUTOENCODER, CROSS, CROSS_KV, DECODER_STEP, ENCODER, PAST, PRESENT, Manifest
 
 DEVICE_PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -60,16 +60,16 @@ class OnnxRuntimeBackend:
         self.sessions = {
             name: ort.InferenceSession(
                 str(directory / spec.file),
-                session_options(threads, spinning=name == "decoder_step"),
+                session_options(threads, spinning=name == DECODER_STEP),
                 providers=providers,
             )
             for name, spec in manifest.graphs.items()
         }
         self._ort_device = "cuda" if device != "cpu" else "cpu"
-        step = manifest.graphs["decoder_step"]
-        self.past_names = [t.name for t in step.inputs if t.name.startswith("past_")]
-        self.cross_names = [t.name for t in step.inputs if t.name.startswith("cross_")]
-        self.present_names = [t.name for t in step.outputs if t.name.startswith("present_")]
+        step = manifest.graphs[DECODER_STEP]
+        self.past_names = manifest.cache_names(PAST)
+        self.cross_names = manifest.cache_names(CROSS)
+        self.present_names = manifest.cache_names(PRESENT)
         self.has_switch = any(t.name == SWITCH for t in step.inputs)
         self.screen = LogitScreen(directory) if manifest.lm_head_screen and self.has_switch else None
 
@@ -78,17 +78,17 @@ class OnnxRuntimeBackend:
 
     def encoder_states(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """The encoder graph alone: what a speculative pair's two decoders share."""
-        return self.sessions["encoder"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        return self.sessions[ENCODER].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
 
     def encode_states(self, states: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncodedBatch:
         """Autoencoder (when the model has one) and cross-attention K/V from the encoder's output."""
-        if "autoencoder" in self.sessions:
-            states = self.sessions["autoencoder"].run(None, {"hidden_states": states})[0]
-        binding = self.sessions["cross_kv"].io_binding()
+        if AUTOENCODER in self.sessions:
+            states = self.sessions[AUTOENCODER].run(None, {"hidden_states": states})[0]
+        binding = self.sessions[CROSS_KV].io_binding()
         binding.bind_cpu_input("memory", states)
         for name in self.cross_names:
             binding.bind_output(name, self._ort_device)
-        self.sessions["cross_kv"].run_with_iobinding(binding)
+        self.sessions[CROSS_KV].run_with_iobinding(binding)
         return EncodedBatch(cross_kv=binding.get_outputs(), attention_mask=attention_mask, input_ids=input_ids)
 
     def start(self, encoded: EncodedBatch, rows_per_source: int, max_length: int | None = None) -> OrtDecoderSession:
@@ -103,7 +103,7 @@ class OrtDecoderSession:
 
     def __init__(self, backend: OnnxRuntimeBackend, encoded: EncodedBatch, rows: int) -> None:
         self.backend = backend
-        self.session = backend.sessions["decoder_step"]
+        self.session = backend.sessions[DECODER_STEP]
         self.device = backend._ort_device
         dims = backend.manifest.model
         empty = np.zeros((rows, dims.decoder_attention_heads, 0, dims.head_dim), dtype=np.float32)

@@ -12,7 +12,17 @@ from typing import Any
 import numpy as np
 import torch
 from cbart.runtime.backends.base import EncodedBatch
-from cbart.runtime.manifest import ExportDirectoryError, Manifest, ModelDims
+from cbart.runtime.manifest import (
+    AUTOENCODER,
+    CROSS_KV,
+    DECODER_STEP,
+    ENCODER,
+    PAST,
+    ExportDirectoryError,
+    Manifest,
+    ModelDims,
+    cache_names,
+)
 from cbart.runtime.trt_support import check_request, cuda_compute_capability, import_tensorrt
 
 import_tensorrt()  # a clear error when TensorRT is missing (or only its type stubs are installed)
@@ -102,7 +112,7 @@ class StepGraphs:
         self.runner = runner
         self.rows, self.heads, self.head_dim = rows, dims.decoder_attention_heads, dims.head_dim
         self.capacity = capacity
-        self.past_names = [name for name in runner.engine_inputs if name.startswith("past_")]
+        self.past_names = cache_names(PAST, dims.decoder_layers)
         self.ids = torch.zeros((rows, 1), dtype=torch.int64, device="cuda")
         self.mask = torch.zeros(mask_shape, dtype=torch.int64, device="cuda")
         self.cross = {name: torch.empty_like(value) for name, value in cross.items()}
@@ -181,10 +191,10 @@ class TensorRTBackend:
         with torch.cuda.stream(self.stream):
             ids = torch.from_numpy(input_ids).cuda()
             mask = torch.from_numpy(attention_mask).cuda()
-            states = next(iter(self.engines["encoder"](self.stream, input_ids=ids, attention_mask=mask).values()))
-            if "autoencoder" in self.engines:
-                states = self.engines["autoencoder"](self.stream, hidden_states=states)["memory"]
-            cross = self.engines["cross_kv"](self.stream, memory=states)
+            states = next(iter(self.engines[ENCODER](self.stream, input_ids=ids, attention_mask=mask).values()))
+            if AUTOENCODER in self.engines:
+                states = self.engines[AUTOENCODER](self.stream, hidden_states=states)["memory"]
+            cross = self.engines[CROSS_KV](self.stream, memory=states)
         self.stream.synchronize()
         return EncodedBatch(cross_kv=cross, attention_mask=attention_mask, input_ids=input_ids)
 
@@ -200,7 +210,7 @@ class TensorRTBackend:
         if key not in self.step_graphs:
             with torch.cuda.stream(self.stream):  # every CUDA op of the backend runs on its stream
                 self.step_graphs[key] = StepGraphs(
-                    self.engines["decoder_step"],
+                    self.engines[DECODER_STEP],
                     rows,
                     cross,
                     tuple(encoded.attention_mask.shape),
@@ -215,10 +225,9 @@ class TensorRTDecoderSession:
 
     def __init__(self, backend: TensorRTBackend, encoded: EncodedBatch, rows: int) -> None:
         dims = backend.manifest.model
-        step = backend.manifest.graphs["decoder_step"]
         self.backend = backend
         self.cross: dict[str, torch.Tensor] = encoded.cross_kv
-        self.past_names = [t.name for t in step.inputs if t.name.startswith("past_")]
+        self.past_names = backend.manifest.cache_names(PAST)
         empty = (rows, dims.decoder_attention_heads, 0, dims.head_dim)
         with torch.cuda.stream(backend.stream):  # every CUDA op of the backend runs on its stream
             self.mask = torch.from_numpy(encoded.attention_mask).cuda()
@@ -227,7 +236,7 @@ class TensorRTDecoderSession:
     def step(self, tokens: np.ndarray) -> np.ndarray:
         backend = self.backend
         with torch.cuda.stream(backend.stream):
-            outputs = backend.engines["decoder_step"](
+            outputs = backend.engines[DECODER_STEP](
                 backend.stream,
                 input_ids=torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).cuda(),
                 encoder_attention_mask=self.mask,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from cbart.runtime.backends.base import EncodedBatch
-from cbart.runtime.manifest import ExportDirectoryError, Manifest
+from cbart.runtime.manifest import AUTOENCODER, CROSS_KV, DECODER_STEP, ENCODER, ExportDirectoryError, Manifest
 
 
 class TorchBackend:
@@ -43,13 +43,13 @@ class TorchBackend:
     def encoder_states(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> torch.Tensor:
         ids = torch.from_numpy(input_ids).to(self.device)
         mask = torch.from_numpy(attention_mask).to(self.device)
-        return self.graphs["encoder"](ids, mask)
+        return self.graphs[ENCODER](ids, mask)
 
     @torch.inference_mode()
     def encode_states(self, states: torch.Tensor, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncodedBatch:
-        if "autoencoder" in self.graphs:
-            states = self.graphs["autoencoder"](states)
-        cross = list(self.graphs["cross_kv"](states))
+        if AUTOENCODER in self.graphs:
+            states = self.graphs[AUTOENCODER](states)
+        cross = list(self.graphs[CROSS_KV](states))
         return EncodedBatch(cross_kv=cross, attention_mask=attention_mask, input_ids=input_ids)
 
     def start(self, encoded: EncodedBatch, rows_per_source: int, max_length: int | None = None) -> TorchDecoderSession:
@@ -70,7 +70,7 @@ class TorchDecoderSession:
     @torch.inference_mode()
     def step_all(self, tokens: np.ndarray) -> np.ndarray:
         ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self.backend.device)
-        logits, *presents = self.backend.graphs["decoder_step"](ids, self.mask, *self.past, *self.cross)
+        logits, *presents = self.backend.graphs[DECODER_STEP](ids, self.mask, *self.past, *self.cross)
         self.past = presents
         return logits.float().cpu().numpy()
 

@@ -9,6 +9,10 @@
 
 namespace cbart {
 
+// The decoder step's tensors of the screen, as in runtime/lm_head_screen.py: the switch input and the
+// bound's two inputs, returned as outputs.
+inline const std::string SWITCH = "exact_logits", HIDDEN = "hidden", RESIDUAL = "hidden_residual";
+
 // A read-only, memory-mapped 2-D float32 .npy file (C order): pages are read only when touched.
 class MappedMatrix {
  public:

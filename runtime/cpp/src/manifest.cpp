@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "cbart/runtime.hpp"
+#include "contract.hpp"
 #include "sha256.hpp"
 
 namespace cbart {
@@ -60,6 +61,9 @@ Manifest read_manifest(const std::string& directory, bool check_files, bool draf
       manifest.inputs[name] = names(graph.at("inputs"));
       manifest.outputs[name] = names(graph.at("outputs"));
     }
+    check_contract(directory, manifest);
+    const auto& logits_shape = data.at("graphs").at("decoder_step").at("outputs").at(0).at("shape");
+    manifest.last_position_logits = logits_shape.at(1).is_number() && logits_shape.at(1).get<int>() == 1;
     const auto& screen = data.value("lm_head_screen", nlohmann::json::object());
     if (!screen.empty()) {
       manifest.lm_head_rows = screen.at("rows").get<std::string>();

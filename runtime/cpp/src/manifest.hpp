@@ -25,6 +25,8 @@ struct Manifest {
   std::string lm_head_rows, lm_head_bounds;
   // a speculative pair's draft export, relative to this directory; empty when there is none
   std::string draft_directory;
+  // the decoder step returns logits at the last new position only (rows x 1 x vocab): a pair's draft
+  bool last_position_logits = false;
 };
 
 // Reads and validates DIR/manifest.json; with check_files, every listed file's sha256 is verified.

@@ -7,6 +7,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -14,6 +15,7 @@
 #include <mutex>
 
 #include "cbart/runtime.hpp"
+#include "contract.hpp"
 #include "lm_head_screen.hpp"
 #include "manifest.hpp"
 #include "search.hpp"
@@ -133,9 +135,8 @@ class OrtDecoderSession final : public DecoderSession {
     return run(tokens, count, false);
   }
   void refine(std::vector<float>& scores, int64_t position = 0) override;
-  std::vector<float> step_all(const std::vector<int64_t>& tokens, int64_t count) override {
-    return run(tokens, count, true);
-  }
+  std::vector<float> step_all(const std::vector<int64_t>& tokens, int64_t count) override;
+  std::vector<float> step_last(const std::vector<int64_t>& tokens, int64_t count) override;
   void truncate(int64_t length) override;
 
  private:
@@ -178,8 +179,9 @@ class OrtModel final : public Runtime {
         throw Error("ONNX Runtime could not load " + path + ": " + error.what());
       }
     }
-    const auto& step_inputs = manifest_.inputs.at("decoder_step");
-    if (!manifest_.lm_head_rows.empty() && step_inputs.back() == "exact_logits") {
+    const auto& step_inputs = manifest_.inputs.at(DECODER_STEP);
+    if (!manifest_.lm_head_rows.empty() &&
+        std::find(step_inputs.begin(), step_inputs.end(), SWITCH) != step_inputs.end()) {
       screen_ = std::make_unique<LogitScreen>(directory, manifest_.lm_head_rows, manifest_.lm_head_bounds);
     }
     if (!manifest_.draft_directory.empty()) {
@@ -221,11 +223,12 @@ class OrtModel final : public Runtime {
     return result;
   }
 
+  // Runs `graph` on `values` bound to the input `names`; its outputs `output_names` (default: all, in the
+  // manifest's order), in that order.
   std::vector<Ort::Value> run(const std::string& graph, const std::vector<std::string>& names,
-                              const std::vector<Ort::Value*>& values) {
+                              const std::vector<Ort::Value*>& values, const std::vector<std::string>& outputs = {}) {
     std::vector<const char*> input_names = c_names(names);
-    const auto& outputs = manifest_.outputs.at(graph);
-    std::vector<const char*> output_names = c_names(outputs);
+    std::vector<const char*> output_names = c_names(outputs.empty() ? manifest_.outputs.at(graph) : outputs);
     std::vector<Ort::Value> inputs;
     inputs.reserve(values.size());
     for (Ort::Value* value : values) inputs.emplace_back(Ort::Value{value->operator OrtValue*()});
@@ -236,11 +239,16 @@ class OrtModel final : public Runtime {
   }
 
   // The autoencoder (when the model has one) and cross-K/V graphs on the encoder's output.
+  // Returned in the order of cross_names(), the decoder step's cross inputs.
   std::vector<Ort::Value> cross_kv(Ort::Value& states) {
-    if (!sessions_.count("autoencoder")) return run("cross_kv", {"memory"}, {&states});
-    std::vector<Ort::Value> memory = run("autoencoder", {"hidden_states"}, {&states});
-    return run("cross_kv", {"memory"}, {&memory[0]});
+    if (!sessions_.count(AUTOENCODER)) return run(CROSS_KV, {"memory"}, {&states}, cross_names_);
+    std::vector<Ort::Value> memory = run(AUTOENCODER, {"hidden_states"}, {&states});
+    return run(CROSS_KV, {"memory"}, {&memory[0]}, cross_names_);
   }
+
+  const std::vector<std::string>& past_names() const { return past_names_; }
+  const std::vector<std::string>& present_names() const { return present_names_; }
+  const std::vector<std::string>& cross_names() const { return cross_names_; }
 
   const Manifest& manifest() const { return manifest_; }
   Ort::Session& session(const std::string& graph) { return sessions_.at(graph); }
@@ -318,6 +326,9 @@ class OrtModel final : public Runtime {
   std::map<std::string, Ort::Session> sessions_;
   std::unique_ptr<LogitScreen> screen_;
   std::unique_ptr<OrtModel> draft_;
+  std::vector<std::string> past_names_ = cache_names(PAST, manifest_.decoder_layers),
+                           present_names_ = cache_names(PRESENT, manifest_.decoder_layers),
+                           cross_names_ = cache_names(CROSS, manifest_.decoder_layers);
 };
 
 OrtDecoderSession::OrtDecoderSession(OrtModel& model, std::vector<Ort::Value>& cross, Ort::Value& mask,
@@ -354,40 +365,60 @@ std::vector<float> OrtDecoderSession::run(const std::vector<int64_t>& tokens, in
   const Manifest& m = model_.manifest();
   const Ort::MemoryInfo& memory = model_.memory();
   ids_.assign(tokens.begin(), tokens.end());
-  logits_.resize(static_cast<size_t>(rows_ * count * m.vocab_size));
-  const std::vector<int64_t> ids_shape{rows_, count}, logits_shape{rows_, count, m.vocab_size};
-  Ort::IoBinding binding(model_.session("decoder_step"));
-  const std::vector<std::string>& inputs = m.inputs.at("decoder_step");
-  const std::vector<std::string>& outputs = m.outputs.at("decoder_step");
-  binding.BindInput(inputs[0].c_str(), Ort::Value::CreateTensor<int64_t>(memory, ids_.data(), ids_.size(),
-                                                                        ids_shape.data(), ids_shape.size()));
-  binding.BindInput(inputs[1].c_str(), mask_);
+  const int64_t positions = m.last_position_logits ? 1 : count;  // logits' positions
+  logits_.resize(static_cast<size_t>(rows_ * positions * m.vocab_size));
+  const std::vector<int64_t> ids_shape{rows_, count}, logits_shape{rows_, positions, m.vocab_size};
+  Ort::IoBinding binding(model_.session(DECODER_STEP));
+  // Bound by name (the contract checked at load, contract.hpp), never by position.
+  binding.BindInput(STEP_INPUT_IDS.c_str(), Ort::Value::CreateTensor<int64_t>(memory, ids_.data(), ids_.size(),
+                                                                             ids_shape.data(), ids_shape.size()));
+  binding.BindInput(STEP_ENCODER_MASK.c_str(), mask_);
   for (int64_t i = 0; i < tensors_; ++i) {
-    binding.BindInput(inputs[2 + i].c_str(), cache_.view(memory, side_, i, length_));
-    binding.BindOutput(outputs[1 + i].c_str(), cache_.view(memory, 1 - side_, i, length_ + count));
+    binding.BindInput(model_.past_names()[i].c_str(), cache_.view(memory, side_, i, length_));
+    binding.BindOutput(model_.present_names()[i].c_str(), cache_.view(memory, 1 - side_, i, length_ + count));
   }
-  for (size_t i = 0; i < cross_.size(); ++i) binding.BindInput(inputs[2 + tensors_ + i].c_str(), cross_[i]);
-  if (inputs.back() == "exact_logits") {
+  for (size_t i = 0; i < cross_.size(); ++i) binding.BindInput(model_.cross_names()[i].c_str(), cross_[i]);
+  if (model_.screen() != nullptr) {
     exact_logits_ = exact;
-    binding.BindInput(inputs.back().c_str(), Ort::Value::CreateTensor<bool>(memory, &exact_logits_, 1, nullptr, 0));
+    binding.BindInput(SWITCH.c_str(), Ort::Value::CreateTensor<bool>(memory, &exact_logits_, 1, nullptr, 0));
   }
   if (!exact) {  // the bound's inputs: the last two outputs, [rows, count, width] each
     const int64_t width = model_.screen()->width();
-    const std::vector<int64_t> shape{rows_, count, width};
-    screened_count_ = count;
-    hidden_.resize(static_cast<size_t>(rows_ * count * width));
+    const std::vector<int64_t> shape{rows_, positions, width};
+    screened_count_ = positions;
+    hidden_.resize(static_cast<size_t>(rows_ * positions * width));
     residual_.resize(hidden_.size());
-    binding.BindOutput(outputs[outputs.size() - 2].c_str(),
+    binding.BindOutput(HIDDEN.c_str(),
                        Ort::Value::CreateTensor<float>(memory, hidden_.data(), hidden_.size(), shape.data(), 3));
-    binding.BindOutput(outputs.back().c_str(),
+    binding.BindOutput(RESIDUAL.c_str(),
                        Ort::Value::CreateTensor<float>(memory, residual_.data(), residual_.size(), shape.data(), 3));
   }
-  binding.BindOutput(outputs[0].c_str(), Ort::Value::CreateTensor<float>(memory, logits_.data(), logits_.size(),
-                                                                        logits_shape.data(), logits_shape.size()));
-  model_.session("decoder_step").Run(Ort::RunOptions{nullptr}, binding);
+  binding.BindOutput(STEP_LOGITS.c_str(), Ort::Value::CreateTensor<float>(memory, logits_.data(), logits_.size(),
+                                                                         logits_shape.data(), logits_shape.size()));
+  model_.session(DECODER_STEP).Run(Ort::RunOptions{nullptr}, binding);
   side_ = 1 - side_;
   length_ += count;
   return logits_;
+}
+
+std::vector<float> OrtDecoderSession::step_all(const std::vector<int64_t>& tokens, int64_t count) {
+  if (model_.manifest().last_position_logits && count > 1) {
+    throw Error("internal error: this decoder step returns the last position's logits only; use step_last");
+  }
+  return run(tokens, count, true);
+}
+
+std::vector<float> OrtDecoderSession::step_last(const std::vector<int64_t>& tokens, int64_t count) {
+  std::vector<float> logits = run(tokens, count, true);
+  const int64_t positions = model_.manifest().last_position_logits ? 1 : count;
+  if (positions == 1) return logits;
+  const int64_t vocab = model_.manifest().vocab_size;
+  std::vector<float> last(static_cast<size_t>(rows_ * vocab));
+  for (int64_t row = 0; row < rows_; ++row) {
+    const float* source = logits.data() + (row * positions + positions - 1) * vocab;
+    std::copy(source, source + vocab, last.begin() + row * vocab);
+  }
+  return last;
 }
 
 void OrtDecoderSession::truncate(int64_t length) {

@@ -31,9 +31,13 @@ class DecoderSession {
   virtual void refine(std::vector<float>& /*scores*/, int64_t /*position*/ = 0) {}
   // Speculative decoding (speculative.cpp): feeds `count` tokens per row (rows x count, row-major) and
   // returns the logits at every new position (rows x count x vocab); `truncate` keeps the first `length`
-  // positions of the self-attention cache (rejected proposals are dropped).
+  // positions of the self-attention cache (rejected proposals are dropped). `step_last` feeds the same
+  // and returns the last position's logits only (rows x vocab): what the draft proposes from.
   virtual std::vector<float> step_all(const std::vector<int64_t>& /*tokens*/, int64_t /*count*/) {
     throw Error("this decoder session cannot verify several tokens per step");
+  }
+  virtual std::vector<float> step_last(const std::vector<int64_t>& /*tokens*/, int64_t /*count*/) {
+    throw Error("this decoder session cannot take several tokens per step");
   }
   virtual void truncate(int64_t /*length*/) { throw Error("this decoder session cannot drop cache positions"); }
 };

@@ -91,9 +91,8 @@ Rows speculative_greedy(DecoderSession& full, DecoderSession& draft, int64_t row
     std::vector<bool> proposing = unfinished;
     for (int i = 0; i < k; ++i) {
       const int64_t count = static_cast<int64_t>(proposal[0].size() - draft_fed);
-      std::vector<float> logits = draft.step_all(tokens_from(proposal, draft_fed), count);
+      std::vector<float> scores = draft.step_last(tokens_from(proposal, draft_fed), count);
       draft_fed = proposal[0].size();
-      std::vector<float> scores = at_position(logits, rows, count, vocab, count - 1);
       process_scores(scores, vocab, proposal, s);
       for (int64_t row = 0; row < rows; ++row) {
         const int64_t token = proposing[row] ? argmax(scores, row, vocab) : s.pad;
