@@ -41,13 +41,46 @@ else:
 
 GENERATION_FIELDS = (
     "max_length",
+    "max_new_tokens",
     "min_length",
+    "min_new_tokens",
     "num_beams",
+    "num_return_sequences",
     "length_penalty",
     "early_stopping",
     "no_repeat_ngram_size",
     "repetition_penalty",
+    "do_sample",
+    "top_k",
+    "top_p",
+    "temperature",
 )
+"""The ``generation_config.json`` fields the runtimes honour, carried into the manifest as defaults."""
+TOKEN_FIELDS = (
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "decoder_start_token_id",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+)
+"""Carried in the manifest's ``tokens`` section (see ``special_tokens``)."""
+NO_OUTPUT_EFFECT = (
+    "transformers_version",
+    "_from_model_config",
+    "output_attentions",
+    "output_hidden_states",
+    "output_scores",
+    "output_logits",
+    "return_dict_in_generate",
+    "use_cache",
+    "cache_implementation",
+    "cache_config",
+    "compile_config",
+    "disable_compile",
+    "low_memory",
+)
+"""Fields that change what ``generate()`` returns besides the ids, or how fast, but never the ids."""
 
 
 ATTENTION_CHOICES = ("auto", "fused", "plain")
@@ -126,7 +159,17 @@ class ExportResult:
 
 
 def load_model(checkpoint: str | Path) -> BartForConditionalGeneration:
-    """A compressed checkpoint, or a plain BART directory (exported the same way, without autoencoder)."""
+    """A compressed checkpoint, or a plain BART directory (exported the same way, without autoencoder).
+
+    Generation settings the runtimes would not honour are refused here, before any export work.
+    """
+    model = _load_model(checkpoint)
+    special_tokens(model)
+    generation_defaults(model)
+    return model
+
+
+def _load_model(checkpoint: str | Path) -> BartForConditionalGeneration:
     path = Path(checkpoint)
     if is_compressed_checkpoint(path):
         return load_compressed_model(path)  # type: ignore[return-value]
@@ -166,21 +209,46 @@ def special_tokens(model: BartForConditionalGeneration) -> SpecialTokens:
     config = model.config
 
     def pick(name: str) -> int | None:
+        """``generate()`` reads the generation config first, the model config second."""
         value = getattr(generation, name, None)
-        return getattr(config, name, None) if value is None else value
+        value = getattr(config, name, None) if value is None else value
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ExportError(
+                    f"the checkpoint's generation config sets {name}={value}; cbart's runtimes take one token "
+                    f"there: set {name} to a single id in its generation_config.json and re-export"
+                )
+            value = value[0]
+        return value
 
     return SpecialTokens(
-        bos=config.bos_token_id,
-        pad=config.pad_token_id,
-        eos=config.eos_token_id,
-        decoder_start=config.decoder_start_token_id,
+        bos=pick("bos_token_id"),
+        pad=pick("pad_token_id"),
+        eos=pick("eos_token_id"),
+        decoder_start=pick("decoder_start_token_id"),
         forced_bos=pick("forced_bos_token_id"),
         forced_eos=pick("forced_eos_token_id"),
     )
 
 
 def generation_defaults(model: BartForConditionalGeneration) -> dict[str, Any]:
+    """The checkpoint's generation defaults the runtimes honour; refuse, by name, any set field they do not.
+
+    A fine-tuned checkpoint's ``generation_config.json`` may set any of ``generate()``'s fields; an export that
+    silently dropped one would generate differently from ``model.generate()``.
+    """
     generation = model.generation_config
+    changed = generation.to_diff_dict()
+    unsupported = sorted(set(changed) - {*GENERATION_FIELDS, *TOKEN_FIELDS, *NO_OUTPUT_EFFECT})
+    if unsupported:
+        settings = ", ".join(f"{name}={changed[name]!r}" for name in unsupported)
+        raise ExportError(
+            f"the checkpoint's generation config sets {settings}, which cbart's runtimes do not implement, so the "
+            "export would generate differently from model.generate(). Remove "
+            + ("it" if len(unsupported) == 1 else "them")
+            + " from the checkpoint's generation_config.json (or set the default) and re-export; the runtimes "
+            f"honour {', '.join(GENERATION_FIELDS)}"
+        )
     return {
         name: getattr(generation, name) for name in GENERATION_FIELDS if getattr(generation, name, None) is not None
     }

@@ -221,7 +221,9 @@ def compare_generation(
                 max_new_tokens=GREEDY_NEW_TOKENS,
             ).tolist()
         sequences = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask, strict=True)]
-        output = runtime.generate(sequences, num_beams=1, max_new_tokens=GREEDY_NEW_TOKENS, speculative=speculative)
+        output = runtime.generate(
+            sequences, num_beams=1, do_sample=False, max_new_tokens=GREEDY_NEW_TOKENS, speculative=speculative
+        )
         if output.speculation is not None:
             proposed += output.speculation.proposed
             accepted += output.speculation.accepted

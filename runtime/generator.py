@@ -176,17 +176,13 @@ class Seq2SeqRuntime:
         return encoded
 
     def settings(self, **overrides: Any) -> GenerationSettings:
-        """transformers' resolution: explicit arguments, then the export's generation defaults."""
-        defaults = dict(self.manifest.generation)
+        """transformers' resolution: the export's generation defaults (the checkpoint's generation config),
+        updated by the explicit arguments. Then, as in ``generate()``, ``max_new_tokens`` -- explicit or a
+        default -- takes precedence over ``max_length``, and ``min_new_tokens`` over ``min_length``.
+        """
         tokens = self.manifest.tokens
         chosen = {key: value for key, value in overrides.items() if value is not None}
-        max_new_tokens = chosen.pop("max_new_tokens", None)
-        if max_new_tokens is not None:
-            chosen["max_length"] = max_new_tokens + 1
-        min_new_tokens = chosen.get("min_new_tokens")
-        if min_new_tokens is not None and "min_length" not in chosen:
-            chosen["min_length"] = 0
-        known = {f.name for f in fields(GenerationSettings)}
+        known = {f.name for f in fields(GenerationSettings)} | {"max_new_tokens"}
         unknown = sorted(set(chosen) - known)
         if unknown:
             raise TypeError(f"unknown generation argument(s): {', '.join(unknown)}")
@@ -198,8 +194,13 @@ class Seq2SeqRuntime:
             "forced_bos_token_id": tokens.forced_bos,
             "forced_eos_token_id": tokens.forced_eos,
         }
-        merged.update({key: value for key, value in defaults.items() if key in known and value is not None})
+        merged.update({key: value for key, value in self.manifest.generation.items() if key in known})
         merged.update(chosen)
+        max_new_tokens = merged.pop("max_new_tokens", None)
+        if max_new_tokens is not None:
+            merged["max_length"] = max_new_tokens + 1  # the decoder start token counts, as in generate()
+        if merged.get("min_new_tokens") is not None:
+            merged["min_length"] = 0  # generate() replaces min_length with min_new_tokens + 1
         settings = GenerationSettings(**merged)
         settings.validate()
         return settings

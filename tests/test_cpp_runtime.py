@@ -193,3 +193,31 @@ def test_cpp_speculative_errors(binary, pair, exported):
     assert completed.returncode == 1 and "speculative decoding is greedy" in completed.stderr
     completed = run(binary, pair_directory, [{"input_ids": [[0, 5, 2]], "speculative": 0}])
     assert completed.returncode == 1 and "draft length >= 1" in completed.stderr
+
+
+def test_checkpoint_generation_defaults_are_honoured_by_both_runtimes(binary, tmp_path):
+    """A fine-tuned checkpoint's generation_config.json (min/max new tokens, no-repeat n-grams, sampling by
+    default): the export carries it, and both runtimes called without arguments match model.generate()."""
+    model = tiny_compressed("paper", seed=21, positions=160)
+    model.generation_config.update(min_new_tokens=7, max_new_tokens=11, no_repeat_ngram_size=2, num_beams=2)
+    save_checkpoint(model, tmp_path / "ckpt")
+    export_onnx(tmp_path / "ckpt", tmp_path / "onnx", ExportOptions(progress=False), log=lambda *_: None)
+    ids, mask, inputs = sequences(seed=4)
+    expected = model.generate(input_ids=ids, attention_mask=mask).tolist()
+    assert {len(row) for row in expected} == {12}  # the defaults are in force: 11 new tokens, EOS banned early
+    assert Seq2SeqRuntime.from_dir(tmp_path / "onnx").generate(inputs).sequences == expected
+    completed = run(binary, tmp_path / "onnx", [{"input_ids": inputs}])
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout.splitlines()[0])["sequences"] == expected
+
+    model.generation_config.update(do_sample=True, top_k=4, num_beams=1)
+    save_checkpoint(model, tmp_path / "sampling")
+    export_onnx(tmp_path / "sampling", tmp_path / "sampling-onnx", ExportOptions(progress=False), log=lambda *_: None)
+    runtime = Seq2SeqRuntime.from_dir(tmp_path / "sampling-onnx")
+    assert runtime.settings().do_sample and runtime.settings().top_k == 4
+    completed = run(binary, tmp_path / "sampling-onnx", [{"input_ids": inputs}])
+    assert completed.returncode == 1 and "the C++ runtime does not sample" in completed.stderr
+    completed = run(binary, tmp_path / "sampling-onnx", [{"input_ids": inputs, "do_sample": False}])
+    greedy = model.generate(input_ids=ids, attention_mask=mask, do_sample=False).tolist()
+    assert json.loads(completed.stdout.splitlines()[0])["sequences"] == greedy
+    assert runtime.generate(inputs, do_sample=False).sequences == greedy

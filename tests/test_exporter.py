@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -411,3 +412,16 @@ def test_requests_outside_the_engines_profiles_are_refused_before_any_cuda_work(
     ):
         with pytest.raises(ValueError, match=message):
             check_request(limits, **request)
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [({"suppress_tokens": [5, 6]}, "suppress_tokens=[5, 6]"), ({"do_sample": True, "typical_p": 0.5}, "typical_p=0.5")],
+)
+def test_generation_settings_the_runtimes_lack_are_refused_by_name(tmp_path: Path, setting: dict, named: str):
+    model = tiny_compressed()
+    model.generation_config.update(**setting)
+    save_checkpoint(model, tmp_path / "ckpt")
+    with pytest.raises(ExportError, match=f"generation config sets {re.escape(named)}, which cbart's runtimes do not"):
+        export_onnx(tmp_path / "ckpt", tmp_path / "onnx", ExportOptions(progress=False))
+    assert not (tmp_path / "onnx").exists()

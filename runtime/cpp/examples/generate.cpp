@@ -31,6 +31,7 @@ cbart::GenerationOptions options_from(const nlohmann::json& request) {
   read(request, "num_return_sequences", options.num_return_sequences);
   read(request, "length_penalty", options.length_penalty);
   read(request, "repetition_penalty", options.repetition_penalty);
+  read(request, "do_sample", options.do_sample);
   if (request.contains("early_stopping")) {
     const auto& stop = request.at("early_stopping");
     options.early_stopping = stop.is_string() ? stop.get<std::string>() : (stop.get<bool>() ? "true" : "false");

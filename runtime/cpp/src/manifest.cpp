@@ -75,6 +75,10 @@ Manifest read_manifest(const std::string& directory, bool check_files, bool draf
     manifest.max_length = generation.value("max_length", 20);
     manifest.min_length = generation.value("min_length", 0);
     manifest.num_beams = generation.value("num_beams", 1);
+    manifest.num_return_sequences = generation.value("num_return_sequences", 1);
+    manifest.do_sample = generation.value("do_sample", false);
+    if (generation.contains("max_new_tokens")) manifest.max_new_tokens = generation.at("max_new_tokens").get<int>();
+    if (generation.contains("min_new_tokens")) manifest.min_new_tokens = generation.at("min_new_tokens").get<int>();
     manifest.no_repeat_ngram_size = generation.value("no_repeat_ngram_size", 0);
     manifest.length_penalty = generation.value("length_penalty", 1.0f);
     manifest.repetition_penalty = generation.value("repetition_penalty", 1.0f);

@@ -17,7 +17,9 @@ struct Manifest {
   std::map<std::string, std::string> graph_files;                  // graph name -> file
   std::map<std::string, std::vector<std::string>> inputs, outputs;  // graph name -> tensor names
   // generation defaults
-  int max_length = 20, min_length = 0, num_beams = 1, no_repeat_ngram_size = 0;
+  int max_length = 20, min_length = 0, num_beams = 1, no_repeat_ngram_size = 0, num_return_sequences = 1;
+  std::optional<int> max_new_tokens, min_new_tokens;  // when set, they take precedence (as in transformers)
+  bool do_sample = false;
   float length_penalty = 1.0f, repetition_penalty = 1.0f;
   std::string early_stopping = "false";
   std::string backend;

@@ -263,12 +263,20 @@ class OrtModel final : public Runtime {
     s.decoder_start = manifest_.decoder_start;
     s.forced_bos = manifest_.forced_bos;
     s.forced_eos = manifest_.forced_eos;
-    s.max_length = o.max_new_tokens ? *o.max_new_tokens + 1 : o.max_length.value_or(manifest_.max_length);
-    s.min_length = o.min_length.value_or(o.min_new_tokens ? 0 : manifest_.min_length);
-    s.min_new_tokens = o.min_new_tokens.value_or(0);
+    // As runtime/generator.py's settings(): the manifest's defaults updated by the options; then max_new_tokens
+    // (either) takes precedence over max_length, and min_new_tokens over min_length, as in generate().
+    const std::optional<int> max_new = o.max_new_tokens ? o.max_new_tokens : manifest_.max_new_tokens;
+    const std::optional<int> min_new = o.min_new_tokens ? o.min_new_tokens : manifest_.min_new_tokens;
+    s.max_length = max_new ? *max_new + 1 : o.max_length.value_or(manifest_.max_length);
+    s.min_length = min_new ? 0 : o.min_length.value_or(manifest_.min_length);
+    s.min_new_tokens = min_new.value_or(0);
     s.num_beams = o.num_beams.value_or(manifest_.num_beams);
     s.no_repeat_ngram_size = o.no_repeat_ngram_size.value_or(manifest_.no_repeat_ngram_size);
-    s.num_return_sequences = o.num_return_sequences.value_or(1);
+    s.num_return_sequences = o.num_return_sequences.value_or(manifest_.num_return_sequences);
+    if (o.do_sample.value_or(manifest_.do_sample)) {
+      throw Error("the C++ runtime does not sample (the export's generation defaults set do_sample); pass "
+                  "do_sample=false for greedy or beam search, or sample with the Python runtime");
+    }
     s.length_penalty = o.length_penalty.value_or(manifest_.length_penalty);
     s.repetition_penalty = o.repetition_penalty.value_or(manifest_.repetition_penalty);
     const std::string stop = o.early_stopping.value_or(manifest_.early_stopping);

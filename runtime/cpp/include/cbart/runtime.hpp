@@ -31,6 +31,9 @@ struct GenerationOptions {
       num_return_sequences;
   std::optional<float> length_penalty, repetition_penalty;
   std::optional<std::string> early_stopping;  // "true", "false" or "never"
+  // Sampling is not implemented here (the Python runtime has it); false overrides an export whose checkpoint
+  // defaults to sampling (do_sample in its generation_config.json), which is refused otherwise.
+  std::optional<bool> do_sample;
   // A pair export (cbart export FULL --draft DRAFT), greedy only: the draft proposes, the full model verifies;
   // the same token ids as plain greedy decoding. 0 adapts the proposals per verification; k > 0 fixes them.
   std::optional<int> speculative;
