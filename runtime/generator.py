@@ -35,6 +35,7 @@ class GenerationOutput:
     texts: list[str] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     speculation: SpeculationStats | None = None
+    processors: list[str] = field(default_factory=list)  # the logits processors applied, in order
 
 
 def load_backend(
@@ -252,7 +253,8 @@ class Seq2SeqRuntime:
         ids = output.tolist()
         texts = self.tokenizer.decode(ids) if texts_in and self.tokenizer is not None else None
         timings = {"encode_s": encoded_at - started, "decode_s": finished - encoded_at, "total_s": finished - started}
-        return GenerationOutput(sequences=ids, texts=texts, timings=timings, speculation=speculation)
+        processors = [processor.name for processor in settings.processors]
+        return GenerationOutput(ids, texts, timings, speculation, processors)
 
     def _draft_length(self, speculative: bool | int, settings: GenerationSettings) -> DraftLength | None:
         if speculative is False:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from cbart.runtime.lm_head_screen import LogitScreen
+from cbart.runtime.processors import LogitsProcessor, logits_processors, masks_only, sampling_warpers
 
-NEG_INF = np.float32(-np.inf)
 BIG_NEGATIVE = np.float32(-1.0e9)
 
 
@@ -70,6 +71,16 @@ class GenerationSettings:
     forced_eos_token_id: int | None = None
     seed: int | None = None
 
+    @cached_property
+    def processors(self) -> list[LogitsProcessor]:
+        """The logits processors these settings switch on, in transformers' order (``runtime.processors``)."""
+        return logits_processors(self)
+
+    @property
+    def screenable(self) -> bool:
+        """Greedy steps may read a screened LM head: no sampling, and every processor masks only."""
+        return not self.do_sample and masks_only(self.processors)
+
     def validate(self) -> None:
         if self.max_length < 2:
             raise ValueError(f"max_length must allow at least one new token, got {self.max_length}")
@@ -92,76 +103,23 @@ class GenerationSettings:
 def process_scores(
     scores: np.ndarray, sequences: np.ndarray, settings: GenerationSettings, owned: bool = False
 ) -> np.ndarray:
-    """Apply the logits processors in transformers' order, in place on a float32 copy.
+    """Apply ``settings.processors`` in order, in place on a float32 copy.
 
     ``owned``: ``scores`` is a float32 array the caller hands over (log-probs it just computed), so
     the processors edit it directly instead of copying ~200 KB per row and step.
     """
     if not (owned and scores.dtype == np.float32):
         scores = np.array(scores, dtype=np.float32, copy=True)
-    cur_len = sequences.shape[1]
-    if settings.repetition_penalty != 1.0:
-        _repetition_penalty(scores, sequences, settings.repetition_penalty)
-    if settings.no_repeat_ngram_size > 0:
-        _no_repeat_ngram(scores, sequences, settings.no_repeat_ngram_size)
-    if settings.min_length > 0 and cur_len < settings.min_length:
-        scores[:, settings.eos_token_id] = NEG_INF
-    if settings.min_new_tokens > 0 and cur_len - 1 < settings.min_new_tokens:
-        scores[:, settings.eos_token_id] = NEG_INF
-    if settings.forced_bos_token_id is not None and cur_len == 1:
-        scores[:] = NEG_INF
-        scores[:, settings.forced_bos_token_id] = 0
-    if settings.forced_eos_token_id is not None and cur_len == settings.max_length - 1:
-        scores[:] = NEG_INF
-        scores[:, settings.forced_eos_token_id] = 0
-    return scores
-
-
-def _repetition_penalty(scores: np.ndarray, sequences: np.ndarray, penalty: float) -> None:
-    for row in range(scores.shape[0]):
-        tokens = np.unique(sequences[row])
-        values = scores[row, tokens]
-        scores[row, tokens] = np.where(values < 0, values * penalty, values / penalty)
-
-
-def _no_repeat_ngram(scores: np.ndarray, sequences: np.ndarray, size: int) -> None:
-    cur_len = sequences.shape[1]
-    if cur_len + 1 < size:
-        return
-    for row in range(scores.shape[0]):
-        tokens = sequences[row].tolist()
-        prefix = tuple(tokens[cur_len - size + 1 :])
-        banned = [
-            tokens[start + size - 1]
-            for start in range(cur_len - size + 1)
-            if tuple(tokens[start : start + size - 1]) == prefix
-        ]
-        if banned:
-            scores[row, banned] = NEG_INF
-
-
-def _warp_for_sampling(scores: np.ndarray, settings: GenerationSettings) -> np.ndarray:
-    if settings.temperature != 1.0:
-        scores = scores / np.float32(settings.temperature)
-    if settings.top_k:
-        k = min(settings.top_k, scores.shape[-1])
-        kth = np.partition(scores, -k, axis=-1)[:, -k][:, None]
-        scores = np.where(scores < kth, NEG_INF, scores)
-    if settings.top_p < 1.0:
-        order = np.argsort(scores, axis=-1, kind="stable")
-        ordered = np.take_along_axis(scores, order, axis=-1)
-        cumulative = np.cumsum(_softmax(ordered), axis=-1)
-        remove = cumulative <= (1 - settings.top_p)
-        remove[:, -1] = False
-        ordered = np.where(remove, NEG_INF, ordered)
-        scores = np.empty_like(scores)
-        np.put_along_axis(scores, order, ordered, axis=-1)
+    for processor in settings.processors:
+        processor(scores, sequences)
     return scores
 
 
 def sampling_distribution(scores: np.ndarray, settings: GenerationSettings) -> np.ndarray:
     """The distribution sampling draws from [rows, vocab] (float64, rows sum to 1): processed scores, warped."""
-    probabilities = _softmax(_warp_for_sampling(scores, settings)).astype(np.float64)
+    for warper in sampling_warpers(settings):
+        scores = warper(scores)
+    probabilities = _softmax(scores).astype(np.float64)
     return probabilities / probabilities.sum(axis=-1, keepdims=True)
 
 
@@ -194,12 +152,8 @@ def greedy_or_sample(
     rng = np.random.default_rng(settings.seed)
     sequences = np.full((rows, 1), settings.decoder_start_token_id, dtype=np.int64)
     unfinished = np.ones(rows, dtype=bool)
-    # The screen needs every processor to mask or force tokens only: greedy without repetition penalty.
-    screened = (
-        session
-        if isinstance(session, ScreenedDecoderSession) and not settings.do_sample and settings.repetition_penalty == 1.0
-        else None
-    )
+    # The screen needs every processor to mask or force tokens only (settings.screenable).
+    screened = session if isinstance(session, ScreenedDecoderSession) and settings.screenable else None
     while True:
         if screened is not None:
             approximate, hidden, residual = screened.step_screened(sequences[:, -1:])

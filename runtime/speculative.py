@@ -148,8 +148,8 @@ class SpeculationStats:
 class _GreedyChoice:
     """Greedy speculation: the draft proposes its argmax; the full model's argmax decides every position.
 
-    The screen (the full session's screened LM head) needs every processor to mask or force tokens only:
-    no repetition penalty. It pays for a plain step (k = 0) and a one-token probe (k = 1, where at most two
+    The screen (the full session's screened LM head) needs every processor to mask or force tokens only
+    (``settings.screenable``). It pays for a plain step (k = 0) and a one-token probe (k = 1, where at most two
     positions are refined): at bart-base shapes a failed probe then costs the draft step plus ~2 ms instead
     of ~8 ms. Over longer runs the exact head reads its weights once for all k + 1 positions, cheaper than
     refining each position's candidates.
@@ -157,7 +157,7 @@ class _GreedyChoice:
 
     def __init__(self, full: VerifyingSession, settings: GenerationSettings) -> None:
         self.settings = settings
-        screened = isinstance(full, ScreenedVerifyingSession) and settings.repetition_penalty == 1.0
+        screened = isinstance(full, ScreenedVerifyingSession) and settings.screenable
         self.screen: LogitScreen | None = full.screen if screened else None  # type: ignore[attr-defined]
 
     def propose(self, scores: np.ndarray) -> np.ndarray:

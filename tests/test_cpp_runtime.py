@@ -60,24 +60,42 @@ def sequences(seed: int) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     return ids, mask, [row[: int(m.sum())].tolist() for row, m in zip(ids, mask, strict=True)]
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [
-        {"num_beams": 1, "max_new_tokens": 20},
-        {"num_beams": 1, "max_new_tokens": 20, "min_new_tokens": 16, "no_repeat_ngram_size": 2},
-        PAPER,
-        {"num_beams": 3, "max_new_tokens": 15, "repetition_penalty": 1.3},
-        {"num_beams": 4, "num_return_sequences": 2, "max_new_tokens": 9, "early_stopping": "never"},
-    ],
-)
+SETTINGS = [
+    {"num_beams": 1, "max_new_tokens": 20},
+    {"num_beams": 1, "max_new_tokens": 20, "min_new_tokens": 16, "no_repeat_ngram_size": 2},
+    PAPER,
+    {"num_beams": 3, "max_new_tokens": 15, "repetition_penalty": 1.3},
+    {"num_beams": 4, "num_return_sequences": 2, "max_new_tokens": 9, "early_stopping": "never"},
+]
+EXPECTED_PROCESSORS = {  # the tiny models force EOS at the length limit (forced_eos_token_id=2)
+    json.dumps(settings, sort_keys=True): names
+    for settings, names in zip(
+        SETTINGS,
+        [
+            ["forced_eos"],
+            ["no_repeat_ngram", "min_new_tokens", "forced_eos"],
+            ["no_repeat_ngram", "min_length", "forced_eos"],
+            ["repetition_penalty", "forced_eos"],
+            ["forced_eos"],
+        ],
+        strict=True,
+    )
+}
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
 def test_cpp_token_ids_equal_python_and_pytorch(binary, exported, settings):
     model, directory = exported
     ids, mask, inputs = sequences(seed=len(json.dumps(settings)))
     completed = run(binary, directory, [{"input_ids": inputs, **settings}])
     assert completed.returncode == 0, completed.stderr
-    got = json.loads(completed.stdout.splitlines()[0])["sequences"]
-    assert got == Seq2SeqRuntime.from_dir(directory).generate(inputs, **settings).sequences
-    assert got == model.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
+    response = json.loads(completed.stdout.splitlines()[0])
+    python = Seq2SeqRuntime.from_dir(directory).generate(inputs, **settings)
+    assert response["sequences"] == python.sequences
+    assert response["sequences"] == model.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
+    # the same named processors, in the same order (runtime/processors.py, mirrored in processors.hpp)
+    assert response["processors"] == python.processors
+    assert python.processors == EXPECTED_PROCESSORS[json.dumps(settings, sort_keys=True)]
 
 
 def test_cpp_errors_are_clear_and_do_not_crash(binary, exported, tmp_path):

@@ -15,7 +15,7 @@ from cbart.exporter.lm_head_screen import add_screened_lm_head
 from cbart.runtime.backends.onnxruntime import OrtDecoderSession, ScreenedOrtDecoderSession
 from cbart.runtime.generator import Seq2SeqRuntime
 from cbart.runtime.lm_head_screen import LogitScreen
-from cbart.runtime.search import NEG_INF
+from cbart.runtime.processors import NEG_INF
 from conftest import random_batch, tiny_compressed
 from onnx import TensorProto, helper, numpy_helper
 

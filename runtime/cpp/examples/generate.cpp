@@ -4,9 +4,10 @@
 //
 // Each input line holds "input_ids" (a list of token-id lists) and optional generation settings
 // (max_new_tokens, max_length, min_new_tokens, min_length, num_beams, length_penalty, early_stopping,
-// no_repeat_ngram_size, repetition_penalty, num_return_sequences, and "speculative": true or k for a pair
-// export); each output line holds "sequences", the encode/decode milliseconds and, when speculative, the
-// draft's statistics. Errors go to stderr, with exit status 1.
+// no_repeat_ngram_size, repetition_penalty, num_return_sequences, do_sample (false only), and "speculative":
+// true or k for a pair export); each output line holds "sequences", "processors" (the logits processors
+// applied, in order), the encode/decode milliseconds and, when speculative, the draft's statistics. Errors go
+// to stderr, with exit status 1.
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -75,7 +76,9 @@ int main(int argc, char** argv) {
       if (!request.contains("input_ids")) throw cbart::Error("line " + std::to_string(number) + " has no input_ids");
       const auto inputs = request.at("input_ids").get<std::vector<cbart::Sequence>>();
       const auto result = runtime->generate(inputs, options_from(request));
-      nlohmann::json response{{"sequences", result.sequences}, {"encode_ms", result.encode_ms},
+      nlohmann::json response{{"sequences", result.sequences},
+                              {"processors", result.processors},
+                              {"encode_ms", result.encode_ms},
                               {"decode_ms", result.decode_ms}};
       if (result.speculation) {
         const auto& stats = *result.speculation;

@@ -208,6 +208,7 @@ class OrtModel final : public Runtime {
     const int64_t rows_per_source = settings.num_beams > 1 ? settings.num_beams : 1;
     OrtDecoderSession session(*this, cross, mask_value, sources * rows_per_source, settings.max_length);
     GenerationResult result;
+    result.processors = names(logits_processors(settings));
     if (options.speculative) {
       OrtDecoderSession proposer(*draft_, draft_cross, mask_value, sources, settings.max_length);
       DraftLength draft_length = *options.speculative == 0 ? DraftLength()

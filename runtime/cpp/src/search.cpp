@@ -3,13 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <map>
-#include <set>
 
 namespace cbart {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kBigNegative = -1.0e9f;
 
 void log_softmax(std::vector<float>& logits, int64_t vocab) {
@@ -47,36 +44,15 @@ std::vector<int64_t> top_k(const float* values, int64_t count, int64_t k) {
 
 }  // namespace
 
-void process_scores(std::vector<float>& scores, int64_t vocab, const Rows& sequences, const SearchSettings& s) {
-  const int cur_len = static_cast<int>(sequences.at(0).size());
+void process_scores(std::vector<float>& scores, int64_t vocab, const Rows& sequences,
+                    const LogitsProcessors& processors) {
   for (size_t row = 0; row < sequences.size(); ++row) {
-    float* values = scores.data() + row * vocab;
-    const auto& tokens = sequences[row];
-    if (s.repetition_penalty != 1.0f) {
-      for (int64_t token : std::set<int64_t>(tokens.begin(), tokens.end())) {
-        float& v = values[token];
-        v = v < 0 ? v * s.repetition_penalty : v / s.repetition_penalty;
-      }
-    }
-    const int n = s.no_repeat_ngram_size;
-    if (n > 0 && cur_len + 1 >= n) {
-      for (int start = 0; start + n - 1 < cur_len; ++start) {
-        if (std::equal(tokens.begin() + start, tokens.begin() + start + n - 1, tokens.end() - (n - 1))) {
-          values[tokens[start + n - 1]] = kNegInf;
-        }
-      }
-    }
-    if (s.min_length > 0 && cur_len < s.min_length) values[s.eos] = kNegInf;
-    if (s.min_new_tokens > 0 && cur_len - 1 < s.min_new_tokens) values[s.eos] = kNegInf;
-    if (s.forced_bos && cur_len == 1) {
-      std::fill(values, values + vocab, kNegInf);
-      values[*s.forced_bos] = 0.0f;
-    }
-    if (s.forced_eos && cur_len == s.max_length - 1) {
-      std::fill(values, values + vocab, kNegInf);
-      values[*s.forced_eos] = 0.0f;
-    }
+    for (const auto& processor : processors) processor->apply(scores.data() + row * vocab, vocab, sequences[row]);
   }
+}
+
+void process_scores(std::vector<float>& scores, int64_t vocab, const Rows& sequences, const SearchSettings& s) {
+  process_scores(scores, vocab, sequences, logits_processors(s));
 }
 
 Rows greedy_search(DecoderSession& session, int64_t rows, const SearchSettings& s) {
@@ -84,11 +60,12 @@ Rows greedy_search(DecoderSession& session, int64_t rows, const SearchSettings& 
   Rows sequences(static_cast<size_t>(rows), std::vector<int64_t>{s.decoder_start});
   std::vector<bool> unfinished(static_cast<size_t>(rows), true);
   std::vector<int64_t> last(static_cast<size_t>(rows), s.decoder_start);
-  // The screen needs every processor to mask or force tokens only: no repetition penalty.
-  const bool screened = session.screened() && s.repetition_penalty == 1.0f;
+  const LogitsProcessors processors = logits_processors(s);
+  // The screen needs every processor to mask or force tokens only.
+  const bool screened = session.screened() && masks_only(processors);
   while (true) {
     std::vector<float> scores = screened ? session.step_screened(last) : session.step(last);
-    process_scores(scores, vocab, sequences, s);
+    process_scores(scores, vocab, sequences, processors);
     if (screened) session.refine(scores);
     bool any = false;
     for (int64_t row = 0; row < rows; ++row) {
@@ -106,6 +83,7 @@ Rows greedy_search(DecoderSession& session, int64_t rows, const SearchSettings& 
 
 Rows beam_search(DecoderSession& session, int64_t sources, const SearchSettings& s) {
   const int64_t beams = s.num_beams, keep = 2 * beams, vocab = session.vocab();
+  const LogitsProcessors processors = logits_processors(s);
   const int prompt = 1;
   const int64_t fill = s.pad ? s.pad : s.eos;
   struct Hypothesis {
@@ -143,7 +121,7 @@ Rows beam_search(DecoderSession& session, int64_t sources, const SearchSettings&
     }
     std::vector<float> scores = session.step(last);
     log_softmax(scores, vocab);
-    process_scores(scores, vocab, flat, s);
+    process_scores(scores, vocab, flat, processors);
     bool all_hit = true;
     std::vector<int64_t> reorder_rows;
     for (int64_t n = 0; n < sources; ++n) {

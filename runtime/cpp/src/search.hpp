@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cbart/runtime.hpp"
+#include "processors.hpp"
 
 namespace cbart {
 
@@ -53,7 +54,10 @@ struct SearchSettings {
 
 using Rows = std::vector<std::vector<int64_t>>;
 
-// Applies the logits processors in place; `sequences` are the tokens so far, one row per score row.
+// Applies the logits processors (processors.hpp) in place; `sequences` are the tokens so far, one row per
+// score row.
+void process_scores(std::vector<float>& scores, int64_t vocab, const Rows& sequences,
+                    const LogitsProcessors& processors);
 void process_scores(std::vector<float>& scores, int64_t vocab, const Rows& sequences, const SearchSettings& settings);
 Rows greedy_search(DecoderSession& session, int64_t rows, const SearchSettings& settings);
 Rows beam_search(DecoderSession& session, int64_t sources, const SearchSettings& settings);

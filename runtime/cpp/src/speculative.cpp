@@ -80,7 +80,8 @@ Rows speculative_greedy(DecoderSession& full, DecoderSession& draft, int64_t row
   // The screen needs every processor to mask or force tokens only: no repetition penalty. It pays for a
   // plain step (k = 0) and a one-token probe (k = 1); over longer runs the exact head serves all k + 1
   // positions at once, cheaper than refining each.
-  const bool screened = full.screened() && s.repetition_penalty == 1.0f;
+  const LogitsProcessors processors = logits_processors(s);
+  const bool screened = full.screened() && masks_only(processors);
   Rows sequences(static_cast<size_t>(rows), std::vector<int64_t>{s.decoder_start});
   std::vector<bool> unfinished(static_cast<size_t>(rows), true);
   size_t draft_fed = 0;  // tokens of `sequences` in the draft's cache; the full cache holds all but the last
@@ -93,7 +94,7 @@ Rows speculative_greedy(DecoderSession& full, DecoderSession& draft, int64_t row
       const int64_t count = static_cast<int64_t>(proposal[0].size() - draft_fed);
       std::vector<float> scores = draft.step_last(tokens_from(proposal, draft_fed), count);
       draft_fed = proposal[0].size();
-      process_scores(scores, vocab, proposal, s);
+      process_scores(scores, vocab, proposal, processors);
       for (int64_t row = 0; row < rows; ++row) {
         const int64_t token = proposing[row] ? argmax(scores, row, vocab) : s.pad;
         if (token == s.eos) proposing[row] = false;
@@ -108,7 +109,7 @@ Rows speculative_greedy(DecoderSession& full, DecoderSession& draft, int64_t row
     int accepted = 0;
     for (int position = 0; position <= k; ++position) {
       std::vector<float> scores = at_position(logits, rows, k + 1, vocab, position);
-      process_scores(scores, vocab, prefixes(proposal, length + position), s);
+      process_scores(scores, vocab, prefixes(proposal, length + position), processors);
       if (use_screen) full.refine(scores, position);
       std::vector<int64_t> tokens(static_cast<size_t>(rows));
       bool agrees = position < k, any = false;

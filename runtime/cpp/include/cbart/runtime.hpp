@@ -55,6 +55,7 @@ struct GenerationResult {
   double encode_ms = 0.0;
   double decode_ms = 0.0;
   std::optional<SpeculationStats> speculation;  // set by speculative generation
+  std::vector<std::string> processors;          // the logits processors applied, in order (processors.hpp)
 };
 
 class Runtime {
