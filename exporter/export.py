@@ -32,7 +32,7 @@ from cbart.runtime.manifest import (
     file_entries,
 )
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, BartForConditionalGeneration
+from transformers import AutoTokenizer, BartForConditionalGeneration, GenerationConfig
 
 if TYPE_CHECKING:
     from cbart.exporter.engine_profiles import EngineLimits as EngineLimitsLike
@@ -238,7 +238,12 @@ def generation_defaults(model: BartForConditionalGeneration) -> dict[str, Any]:
     silently dropped one would generate differently from ``model.generate()``.
     """
     generation = model.generation_config
-    changed = generation.to_diff_dict()
+    effective = GenerationConfig._get_default_generation_params()  # what generate() uses for unset fields
+    changed = {
+        name: value
+        for name, value in generation.to_diff_dict().items()
+        if value is not None and value != effective.get(name)
+    }
     unsupported = sorted(set(changed) - {*GENERATION_FIELDS, *TOKEN_FIELDS, *NO_OUTPUT_EFFECT})
     if unsupported:
         settings = ", ".join(f"{name}={changed[name]!r}" for name in unsupported)
@@ -249,9 +254,10 @@ def generation_defaults(model: BartForConditionalGeneration) -> dict[str, Any]:
             + " from the checkpoint's generation_config.json (or set the default) and re-export; the runtimes "
             f"honour {', '.join(GENERATION_FIELDS)}"
         )
-    return {
-        name: getattr(generation, name) for name in GENERATION_FIELDS if getattr(generation, name, None) is not None
-    }
+    # Resolved as generate() resolves them, so the runtimes hard-code no default of their own.
+    resolved = {name: getattr(generation, name, None) for name in GENERATION_FIELDS}
+    resolved = {name: effective.get(name) if value is None else value for name, value in resolved.items()}
+    return {name: value for name, value in resolved.items() if value is not None}
 
 
 def versions() -> dict[str, str]:

@@ -187,8 +187,7 @@ class Seq2SeqRuntime:
         unknown = sorted(set(chosen) - known)
         if unknown:
             raise TypeError(f"unknown generation argument(s): {', '.join(unknown)}")
-        merged: dict[str, Any] = {
-            "max_length": 20,
+        merged: dict[str, Any] = {  # the export's defaults (the checkpoint's generation config); none hard-coded
             "eos_token_id": tokens.eos,
             "pad_token_id": tokens.pad,
             "decoder_start_token_id": tokens.decoder_start,

@@ -239,3 +239,24 @@ def test_checkpoint_generation_defaults_are_honoured_by_both_runtimes(binary, tm
     greedy = model.generate(input_ids=ids, attention_mask=mask, do_sample=False).tolist()
     assert json.loads(completed.stdout.splitlines()[0])["sequences"] == greedy
     assert runtime.generate(inputs, do_sample=False).sequences == greedy
+
+
+def test_one_truncation_policy_in_both_runtimes(binary, exported):
+    """Over-long inputs: truncated to the model's maximum with EOS kept last, by default, in both runtimes (same
+    ids, same warning); refused with the limit named when truncation is off."""
+    import warnings
+
+    _, directory = exported
+    too_long = [[0, *[4 + i % 90 for i in range(200)], 2], [0, 7, 8, 2]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        python = Seq2SeqRuntime.from_dir(directory).generate(too_long, max_new_tokens=6).sequences
+    message = "truncating 1 input(s) to the model's maximum of 160 tokens"
+    assert [str(w.message) for w in caught] == [message]
+    completed = run(binary, directory, [{"input_ids": too_long, "max_new_tokens": 6}])
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout.splitlines()[0])["sequences"] == python
+    assert message in completed.stderr
+    completed = run(binary, directory, [{"input_ids": too_long, "truncation": False}])
+    assert completed.returncode == 1
+    assert "input of 202 tokens exceeds the model's maximum of 160; shorten it" in completed.stderr

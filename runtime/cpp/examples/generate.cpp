@@ -33,6 +33,7 @@ cbart::GenerationOptions options_from(const nlohmann::json& request) {
   read(request, "length_penalty", options.length_penalty);
   read(request, "repetition_penalty", options.repetition_penalty);
   read(request, "do_sample", options.do_sample);
+  read(request, "truncation", options.truncation);
   if (request.contains("early_stopping")) {
     const auto& stop = request.at("early_stopping");
     options.early_stopping = stop.is_string() ? stop.get<std::string>() : (stop.get<bool>() ? "true" : "false");
@@ -76,6 +77,10 @@ int main(int argc, char** argv) {
       if (!request.contains("input_ids")) throw cbart::Error("line " + std::to_string(number) + " has no input_ids");
       const auto inputs = request.at("input_ids").get<std::vector<cbart::Sequence>>();
       const auto result = runtime->generate(inputs, options_from(request));
+      if (result.truncated > 0) {
+        std::cerr << "cbart-generate: warning: truncating " << result.truncated
+                  << " input(s) to the model's maximum of " << runtime->max_source_length() << " tokens\n";
+      }
       nlohmann::json response{{"sequences", result.sequences},
                               {"processors", result.processors},
                               {"encode_ms", result.encode_ms},

@@ -71,21 +71,24 @@ Manifest read_manifest(const std::string& directory, bool check_files, bool draf
     }
     const auto& pair = data.value("draft", nlohmann::json());
     if (pair.is_object()) manifest.draft_directory = pair.at("directory").get<std::string>();
-    const auto& generation = data.value("generation", nlohmann::json::object());
-    manifest.max_length = generation.value("max_length", 20);
-    manifest.min_length = generation.value("min_length", 0);
-    manifest.num_beams = generation.value("num_beams", 1);
-    manifest.num_return_sequences = generation.value("num_return_sequences", 1);
-    manifest.do_sample = generation.value("do_sample", false);
+    // The checkpoint's generation defaults, as the exporter carried them (exporter/export.py GENERATION_FIELDS):
+    // the runtime hard-codes none. Fields older exports lack (do_sample, num_return_sequences, max/min new
+    // tokens) mean "not set".
+    const auto& generation = data.at("generation");
+    manifest.max_length = generation.at("max_length");
+    manifest.min_length = generation.at("min_length");
+    manifest.num_beams = generation.at("num_beams");
+    manifest.no_repeat_ngram_size = generation.at("no_repeat_ngram_size");
+    manifest.length_penalty = generation.at("length_penalty");
+    manifest.repetition_penalty = generation.at("repetition_penalty");
+    const auto& stop = generation.at("early_stopping");
+    manifest.early_stopping = stop.is_string() ? stop.get<std::string>() : (stop.get<bool>() ? "true" : "false");
+    if (generation.contains("num_return_sequences")) {
+      manifest.num_return_sequences = generation.at("num_return_sequences");
+    }
+    if (generation.contains("do_sample")) manifest.do_sample = generation.at("do_sample");
     if (generation.contains("max_new_tokens")) manifest.max_new_tokens = generation.at("max_new_tokens").get<int>();
     if (generation.contains("min_new_tokens")) manifest.min_new_tokens = generation.at("min_new_tokens").get<int>();
-    manifest.no_repeat_ngram_size = generation.value("no_repeat_ngram_size", 0);
-    manifest.length_penalty = generation.value("length_penalty", 1.0f);
-    manifest.repetition_penalty = generation.value("repetition_penalty", 1.0f);
-    if (generation.contains("early_stopping")) {
-      const auto& stop = generation.at("early_stopping");
-      manifest.early_stopping = stop.is_string() ? stop.get<std::string>() : (stop.get<bool>() ? "true" : "false");
-    }
     if (check_files) {
       for (const auto& [name, entry] : data.at("files").items()) {
         const std::string file_path = directory + "/" + name;

@@ -190,12 +190,14 @@ class OrtModel final : public Runtime {
   }
 
   int64_t vocab_size() const override { return manifest_.vocab_size; }
+  int64_t max_source_length() const override { return manifest_.max_source_positions; }
 
   GenerationResult generate(const std::vector<Sequence>& inputs, const GenerationOptions& options) override {
     const SearchSettings settings = resolve(options);
     std::vector<int64_t> ids, mask;
     const int64_t sources = static_cast<int64_t>(inputs.size());
-    const int64_t width = pad(inputs, ids, mask);
+    int truncated = 0;
+    const int64_t width = pad(inputs, options.truncation.value_or(true), ids, mask, truncated);
     const auto started = Clock::now();
     std::vector<int64_t> shape{sources, width};
     Ort::Value ids_value = Ort::Value::CreateTensor<int64_t>(memory_, ids.data(), ids.size(), shape.data(), 2);
@@ -209,6 +211,7 @@ class OrtModel final : public Runtime {
     OrtDecoderSession session(*this, cross, mask_value, sources * rows_per_source, settings.max_length);
     GenerationResult result;
     result.processors = names(logits_processors(settings));
+    result.truncated = truncated;
     if (options.speculative) {
       OrtDecoderSession proposer(*draft_, draft_cross, mask_value, sources, settings.max_length);
       DraftLength draft_length = *options.speculative == 0 ? DraftLength()
@@ -293,23 +296,39 @@ class OrtModel final : public Runtime {
     return s;
   }
 
-  int64_t pad(const std::vector<Sequence>& inputs, std::vector<int64_t>& ids, std::vector<int64_t>& mask) const {
+  // As runtime/generator.py's _pad, check for check: empty inputs and ids outside the vocabulary are refused;
+  // an input longer than the model's maximum is truncated to it with EOS kept last (`truncation`, the
+  // default; counted in `truncated`) or refused.
+  int64_t pad(std::vector<Sequence> inputs, bool truncation, std::vector<int64_t>& ids, std::vector<int64_t>& mask,
+              int& truncated) const {
     if (inputs.empty()) throw Error("empty input: pass at least one sequence of token ids");
-    size_t width = 0;
     for (const auto& sequence : inputs) {
       if (sequence.empty()) throw Error("empty input: one of the inputs has no tokens");
-      if (sequence.size() > static_cast<size_t>(manifest_.max_source_positions)) {
-        throw Error("input of " + std::to_string(sequence.size()) + " tokens exceeds the model's maximum of " +
-                    std::to_string(manifest_.max_source_positions) + "; truncate it");
-      }
+    }
+    for (const auto& sequence : inputs) {
       for (int64_t token : sequence) {
         if (token < 0 || token >= manifest_.vocab_size) {
           throw Error("token id " + std::to_string(token) + " is outside the vocabulary (0.." +
                       std::to_string(manifest_.vocab_size - 1) + ")");
         }
       }
-      width = std::max(width, sequence.size());
     }
+    const size_t limit = static_cast<size_t>(manifest_.max_source_positions);
+    size_t longest = 0;
+    for (const auto& sequence : inputs) longest = std::max(longest, sequence.size());
+    if (longest > limit && !truncation) {
+      throw Error("input of " + std::to_string(longest) + " tokens exceeds the model's maximum of " +
+                  std::to_string(limit) + "; shorten it or pass truncation=true");
+    }
+    truncated = 0;
+    for (auto& sequence : inputs) {
+      if (sequence.size() <= limit) continue;
+      sequence.resize(limit);
+      sequence.back() = manifest_.eos;
+      ++truncated;
+    }
+    size_t width = 0;
+    for (const auto& sequence : inputs) width = std::max(width, sequence.size());
     ids.assign(inputs.size() * width, manifest_.pad);
     mask.assign(inputs.size() * width, 0);
     for (size_t row = 0; row < inputs.size(); ++row) {

@@ -34,6 +34,9 @@ struct GenerationOptions {
   // Sampling is not implemented here (the Python runtime has it); false overrides an export whose checkpoint
   // defaults to sampling (do_sample in its generation_config.json), which is refused otherwise.
   std::optional<bool> do_sample;
+  // Inputs longer than the model's maximum are truncated to it, EOS kept last (GenerationResult::truncated
+  // counts them), as in the Python runtime; false refuses them instead.
+  std::optional<bool> truncation;
   // A pair export (cbart export FULL --draft DRAFT), greedy only: the draft proposes, the full model verifies;
   // the same token ids as plain greedy decoding. 0 adapts the proposals per verification; k > 0 fixes them.
   std::optional<int> speculative;
@@ -56,6 +59,7 @@ struct GenerationResult {
   double decode_ms = 0.0;
   std::optional<SpeculationStats> speculation;  // set by speculative generation
   std::vector<std::string> processors;          // the logits processors applied, in order (processors.hpp)
+  int truncated = 0;                            // inputs truncated to the model's maximum length
 };
 
 class Runtime {
@@ -66,6 +70,7 @@ class Runtime {
 
   virtual GenerationResult generate(const std::vector<Sequence>& inputs, const GenerationOptions& options = {}) = 0;
   virtual int64_t vocab_size() const = 0;
+  virtual int64_t max_source_length() const = 0;  // longer inputs are truncated (or refused)
 };
 
 }  // namespace cbart
