@@ -330,7 +330,7 @@ def _print_export_report(result: Any) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from cbart.exporter.export import load_model
-    from cbart.exporter.verify import Tolerance, compare_generation, compare_graphs
+    from cbart.exporter.verify import verify_directory
     from cbart.runtime.generator import Seq2SeqRuntime
     from cbart.runtime.manifest import read_manifest
 
@@ -342,17 +342,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"graphs load and generate ({out.sequences[0]}); pass --ckpt CKPT to compare with PyTorch")
         return 0
     model = load_model(args.ckpt)
-    tolerance = Tolerance.for_variant(
-        manifest.precision if manifest.precision in ("fp16", "bf16") else "fp32",
-        "int8" if manifest.precision == "int8" else None,
-    )
-    report = compare_graphs(model, args.directory, tolerance)
-    compare_generation(model, args.directory, report)
-    if tolerance.exact_tokens and report.greedy_identical != report.greedy_cases:
-        report.passed = False
+    report = verify_directory(model, args.directory)
     for name, numbers in report.summary()["outputs"].items():
         print(f"  {name:32s} max abs {numbers['max_abs']:.2e}  max rel {numbers['max_rel']:.2e}")
     print(f"  greedy ids identical to PyTorch: {report.greedy_identical}/{report.greedy_cases}")
+    print(f"  onnx.checker (full_check): {'passed' if not report.checker_errors else 'FAILED'}")
     if not report.passed:
         print("verification FAILED:\n  " + "\n  ".join(report.failures()), file=sys.stderr)
         return 1
@@ -499,30 +493,42 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_argument("--max-length", type=int, default=None)
     train.set_defaults(run=cmd_train)
 
+    # Choices and defaults come from the library (exporter/options.py, exporter/engine_profiles.py), which
+    # import neither torch nor ONNX.
+    from cbart.exporter import options as export_options
+    from cbart.exporter.engine_profiles import EngineLimits
+
     export = commands.add_parser("export", help="export a checkpoint to verified ONNX graphs or TensorRT engines")
     export.add_argument("checkpoint", help="a compressed checkpoint (or a plain BART directory)")
-    export.add_argument("--to", choices=("onnx", "trt"), default="onnx")
+    export.add_argument("--to", choices=export_options.TARGETS, default=export_options.TARGETS[0])
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--opset", type=int, default=export_options.ExportOptions.opset)
     export.add_argument("--fuse-encoder", action="store_true", help="encoder + autoencoder as one graph")
     export.add_argument(
         "--attention",
-        choices=("auto", "fused", "plain"),
-        default="auto",
+        choices=export_options.ATTENTION_CHOICES,
+        default=export_options.ExportOptions.attention,
         help="encoder and decoder-step self-attention: ONNX Runtime's fused MultiHeadAttention or standard ops "
         "(auto: fused for --to onnx, plain for --to trt)",
     )
     export.add_argument(
         "--lm-head-screen",
-        choices=("auto", "on", "off"),
-        default="auto",
+        choices=export_options.LM_HEAD_SCREEN_CHOICES,
+        default=export_options.ExportOptions.lm_head_screen,
         help="greedy search reads an 8-bit copy of the LM head and recomputes in fp32 only the tokens that can "
         "still be the argmax: same token ids, ~1/4 of the LM head's memory traffic (auto: on for fp32 --to onnx)",
     )
     export.add_argument("--optimize", action="store_true", help="ONNX Runtime transformer fusions")
-    export.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="ONNX precision")
-    export.add_argument("--quantize", choices=("int8",), default=None, help="dynamic int8 for CPU")
+    export.add_argument(
+        "--dtype",
+        choices=export_options.DTYPE_CHOICES,
+        default=export_options.ExportOptions.dtype,
+        help="ONNX precision",
+    )
+    export.add_argument(
+        "--quantize", choices=export_options.QUANTIZE_CHOICES, default=None, help="dynamic int8 for CPU"
+    )
     export.add_argument(
         "--draft",
         default=None,
@@ -530,7 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(generate --speculative gives CHECKPOINT's greedy output, verified token for token)",
     )
     export.add_argument(
-        "--draft-quantize", choices=("int8",), default=None, help="dynamic int8 for the draft only (output unchanged)"
+        "--draft-quantize",
+        choices=export_options.QUANTIZE_CHOICES,
+        default=None,
+        help="dynamic int8 for the draft only (output unchanged)",
     )
     export.add_argument("--no-verify", action="store_true", help="skip the parity checks against PyTorch")
     export.add_argument("--with-torch", action="store_true", help="also write TorchScript graphs (backend='torch')")
@@ -540,13 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--threads", type=int, default=None)
     export.add_argument("--no-progress", action="store_true")
     trt = export.add_argument_group("TensorRT (--to trt)")
-    trt.add_argument("--max-batch", type=int, default=8)
-    trt.add_argument("--opt-batch", type=int, default=1)
-    trt.add_argument("--max-source-length", type=int, default=1024)
-    trt.add_argument("--opt-source-length", type=int, default=512)
-    trt.add_argument("--max-new-tokens", type=int, default=144)
-    trt.add_argument("--opt-new-tokens", type=int, default=64)
-    trt.add_argument("--beams", type=int, default=4)
+    for limit in ("max_batch", "opt_batch", "max_source_length", "opt_source_length", "max_new_tokens"):
+        trt.add_argument(f"--{limit.replace('_', '-')}", type=int, default=getattr(EngineLimits, limit))
+    trt.add_argument("--opt-new-tokens", type=int, default=EngineLimits.opt_new_tokens)
+    trt.add_argument("--beams", type=int, default=EngineLimits.beams)
     trt.add_argument("--fp16", action="store_true")
     trt.add_argument("--bf16", action="store_true")
     trt.add_argument("--timing-cache", default=None, help="reuse/update this TensorRT timing cache file")

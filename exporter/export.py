@@ -18,8 +18,9 @@ from cbart.compression.checkpoint import atomic_directory, is_compressed_checkpo
 from cbart.exporter.disk_space import export_need, space_problems
 from cbart.exporter.lm_head_screen import BITS, BLOCK_SIZE, add_screened_lm_head
 from cbart.exporter.onnx_export import export_graph, export_torchscript, graph_definitions
+from cbart.exporter.options import ExportOptions
 from cbart.exporter.variants import convert_to_fp16, optimize_graph, quantize_int8
-from cbart.exporter.verify import Tolerance, VerificationReport, compare_generation, compare_graphs
+from cbart.exporter.verify import VerificationReport, verify_directory
 from cbart.runtime.lm_head_screen import BOUNDS_FILE, HIDDEN, RESIDUAL, ROWS_FILE, SWITCH
 from cbart.runtime.manifest import (
     DECODER_STEP,
@@ -83,71 +84,8 @@ NO_OUTPUT_EFFECT = (
 """Fields that change what ``generate()`` returns besides the ids, or how fast, but never the ids."""
 
 
-ATTENTION_CHOICES = ("auto", "fused", "plain")
-"""Encoder and decoder-step self-attention in the ONNX graphs: ``fused`` = ONNX Runtime's MultiHeadAttention
-contrib op (fewer, faster kernels on ONNX Runtime; unknown to TensorRT's parser), ``plain`` = standard ops,
-``auto`` = fused for ONNX exports and plain for TensorRT engines."""
-
-
-LM_HEAD_SCREEN_CHOICES = ("auto", "on", "off")
-"""Decoder step with a screened LM head (``exporter.lm_head_screen``): exact greedy argmax from an 8-bit
-copy of the head. ``auto`` = on for fp32 ONNX exports, off otherwise (it proves the argmax of fp32 logits;
-TensorRT's parser has no MatMulNBits)."""
-
-
 class ExportError(RuntimeError):
     """The export could not be produced or failed its verification; nothing was written."""
-
-
-@dataclass
-class ExportOptions:
-    opset: int = 17
-    fuse_encoder: bool = False
-    attention: str = "auto"
-    lm_head_screen: str = "auto"
-    optimize: bool = False
-    dtype: str = "fp32"
-    quantize: str | None = None
-    verify: bool = True
-    tokenizer: str | None = None
-    overwrite: bool = False
-    threads: int | None = None
-    timing_cache: str | None = None
-    progress: bool = True
-    with_torch: bool = False
-
-    def __post_init__(self) -> None:
-        if self.opset < 17:
-            raise ValueError(f"opset must be >= 17 (LayerNormalization), got {self.opset}")
-        if self.dtype not in ("fp32", "fp16"):
-            raise ValueError(
-                f"--dtype {self.dtype} is not supported for ONNX export; use fp32 or fp16 "
-                "(bf16 is available for TensorRT engines: --to trt --bf16)"
-            )
-        if self.attention not in ATTENTION_CHOICES:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
-        if self.lm_head_screen not in LM_HEAD_SCREEN_CHOICES:
-            raise ValueError(
-                f"lm_head_screen must be one of {', '.join(LM_HEAD_SCREEN_CHOICES)}, got {self.lm_head_screen!r}"
-            )
-        if self.lm_head_screen == "on" and (self.dtype != "fp32" or self.quantize):
-            raise ValueError(
-                "--lm-head-screen on proves the argmax of fp32 logits; it applies to fp32 exports only "
-                "(drop --dtype fp16 / --quantize, or use --lm-head-screen auto)"
-            )
-        if self.quantize not in (None, "int8"):
-            raise ValueError(f"--quantize supports int8 only, got {self.quantize!r}")
-        if self.quantize and self.dtype != "fp32":
-            raise ValueError("int8 quantization starts from fp32 graphs; drop --dtype fp16")
-
-    @property
-    def precision(self) -> str:
-        return self.quantize or self.dtype
-
-    @property
-    def screens_lm_head(self) -> bool:
-        """Whether an ONNX export gets the screened LM head (TensorRT exports never do)."""
-        return self.lm_head_screen != "off" and self.precision == "fp32"
 
 
 @dataclass
@@ -367,11 +305,7 @@ def verify_export(
     log: Callable[..., None],
 ) -> VerificationReport:
     log("verifying against PyTorch ...")
-    tolerance = Tolerance.for_variant(options.dtype, options.quantize)
-    report = compare_graphs(model, directory, tolerance, options.threads)
-    compare_generation(model, directory, report, options.threads)
-    if tolerance.exact_tokens and report.greedy_identical != report.greedy_cases:
-        report.passed = False
+    report = verify_directory(model, directory, options.threads)
     if not report.passed:
         raise ExportError("export verification failed, nothing was written:\n  " + "\n  ".join(report.failures()))
     manifest.verification = report.summary()

@@ -29,7 +29,7 @@ from cbart.exporter.export import (
     write_manifest,
     write_onnx,
 )
-from cbart.exporter.verify import Tolerance, VerificationReport, compare_generation, compare_graphs
+from cbart.exporter.verify import VerificationReport, compare_generation, verify_directory
 from cbart.runtime.manifest import DraftSpec
 from transformers import BartForConditionalGeneration
 
@@ -92,9 +92,7 @@ def export_pair(
         write_manifest(tmp, manifest)
         report = None
         if options.verify:
-            draft_report = compare_graphs(
-                draft, draft_dir, Tolerance.for_variant(draft_options.dtype, draft_quantize), options.threads
-            )
+            draft_report = verify_directory(draft, draft_dir, options.threads, graphs_only=True)
             if not draft_report.passed:
                 raise ExportError("the draft's graphs failed verification:\n  " + "\n  ".join(draft_report.failures()))
             report = verify_export(full, tmp, manifest, options, log)

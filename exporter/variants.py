@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections import Counter
 from pathlib import Path
@@ -53,7 +54,52 @@ def convert_to_fp16(path: Path) -> None:
         keep_io_types=True,
         op_block_list=["LayerNormalization", "SkipLayerNormalization", "Softmax", "Pow", "ReduceMean", "Sqrt", "Div"],
     )
+    sort_topologically(converted.graph)  # the converter appends its Cast nodes after their consumers
     onnx.save(converted, str(path))
+
+
+def _outer_names(graph: onnx.GraphProto) -> set[str]:
+    """Values a subgraph reads from its enclosing graphs."""
+    local = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer}
+    local |= {output for node in graph.node for output in node.output}
+    read = {name for node in graph.node for name in _node_reads(node)}
+    return read - local
+
+
+def _node_reads(node: onnx.NodeProto) -> set[str]:
+    reads = set(node.input)
+    for attribute in node.attribute:
+        for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            reads |= _outer_names(subgraph)
+    return reads - {""}
+
+
+def sort_topologically(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` so that every node follows the producers of what it reads (its subgraphs' outer
+    values included), keeping the original order otherwise. ONNX requires this order (``onnx.checker``'s
+    full check); ONNX Runtime tolerates its absence, other consumers of the graphs do not."""
+    nodes = list(graph.node)
+    producer = {output: index for index, node in enumerate(nodes) for output in node.output}
+    dependents: list[list[int]] = [[] for _ in nodes]
+    missing = [0] * len(nodes)  # producers not placed yet
+    for index, node in enumerate(nodes):
+        for source in {producer[name] for name in _node_reads(node) if name in producer} - {index}:
+            dependents[source].append(index)
+            missing[index] += 1
+    ready = [index for index, count in enumerate(missing) if count == 0]
+    heapq.heapify(ready)  # smallest original index first: the order changes only where it must
+    placed: list[int] = []
+    while ready:
+        index = heapq.heappop(ready)
+        placed.append(index)
+        for dependent in dependents[index]:
+            missing[dependent] -= 1
+            if missing[dependent] == 0:
+                heapq.heappush(ready, dependent)
+    if len(placed) < len(nodes):
+        raise ValueError("the graph has a cycle; it cannot be ordered")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in placed)
 
 
 def quantize_int8(path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from cbart.exporter.graphs import AutoencoderGraph, CrossKVGraph, DecoderStepGraph, EncoderGraph, FusedEncoderGraph
@@ -36,10 +37,11 @@ class Tolerance:
     exact_tokens: bool
 
     @classmethod
-    def for_variant(cls, dtype: str, quantize: str | None) -> Tolerance:
-        if quantize:
+    def for_precision(cls, precision: str) -> Tolerance:
+        """int8: outputs only reported (token agreement); fp16/bf16: loose; fp32: tight, identical greedy ids."""
+        if precision == "int8":
             return cls(atol=float("inf"), rtol=float("inf"), exact_tokens=False)
-        if dtype in ("fp16", "bf16"):
+        if precision in ("fp16", "bf16"):
             return cls(atol=5e-2, rtol=2e-2, exact_tokens=False)
         return cls(atol=1e-4, rtol=1e-4, exact_tokens=True)
 
@@ -62,10 +64,12 @@ class VerificationReport:
     greedy_identical: int = 0
     token_agreement: float = 1.0
     draft_acceptance: float | None = None
+    checker_errors: dict[str, str] = field(default_factory=dict)  # graph file -> onnx.checker's complaint
     passed: bool = True
 
     def failures(self) -> list[str]:
-        lines = [
+        lines = [f"{file} fails onnx.checker (full_check): {error}" for file, error in self.checker_errors.items()]
+        lines += [
             f"{c.graph}.{c.output} [{c.case}]: max abs {c.max_abs:.3g}, max rel {c.max_rel:.3g} "
             f"(|ref| up to {c.reference_max:.3g})"
             for c in self.comparisons
@@ -87,6 +91,7 @@ class VerificationReport:
             entry["max_rel"] = max(entry["max_rel"], c.max_rel)
         return {
             "passed": self.passed,
+            "onnx_checker": "passed" if not self.checker_errors else "failed",
             "outputs": worst,
             "greedy_identical": f"{self.greedy_identical}/{self.greedy_cases}",
             "token_agreement": round(self.token_agreement, 4),
@@ -94,6 +99,40 @@ class VerificationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_onnx_graphs(directory: Path, report: VerificationReport) -> None:
+    """Every ONNX graph of ``directory`` through ``onnx.checker.check_model(full_check=True)``: other consumers
+    of the graphs (checkers, simplifiers, other runtimes) are stricter than ONNX Runtime."""
+    manifest = read_manifest(directory, check_files=False)
+    for spec in manifest.graphs.values():
+        if not spec.file.endswith(".onnx"):
+            continue
+        try:
+            onnx.checker.check_model(str(directory / spec.file), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+            report.checker_errors[spec.file] = str(error).splitlines()[0]
+
+
+def verify_directory(
+    model: BartForConditionalGeneration,
+    directory: Path,
+    threads: int | None = None,
+    graphs_only: bool = False,
+) -> VerificationReport:
+    """The one verification of an ONNX export directory, used by ``cbart export`` and ``cbart verify``: the ONNX
+    checker on every graph, every graph output against PyTorch within the tolerance of the export's precision,
+    then (unless ``graphs_only``) greedy generation through the directory against ``model.generate()`` --
+    identical ids required for fp32."""
+    manifest = read_manifest(directory, check_files=False)
+    tolerance = Tolerance.for_precision(manifest.precision)
+    report = compare_graphs(model, directory, tolerance, threads)
+    check_onnx_graphs(directory, report)
+    if not graphs_only:
+        compare_generation(model, directory, report, threads)
+    identical = report.greedy_identical == report.greedy_cases
+    report.passed = report.passed and not report.checker_errors and (identical or not tolerance.exact_tokens)
+    return report
 
 
 def source_batches(vocab_size: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -148,6 +148,8 @@ def test_variants_are_verified(checkpoint: Path, tmp_path: Path, variant, graphs
     result = export_onnx(checkpoint, tmp_path / "onnx", options(**variant), log=quiet)
     assert len(result.manifest.graphs) == graphs
     assert result.manifest.verification["passed"]
+    # part of the export's own verification: every graph of every variant passes onnx.checker's full check
+    assert result.manifest.verification["onnx_checker"] == "passed" and not result.report.checker_errors
     attention_nodes = encoder_attention_nodes(tmp_path / "onnx")
     assert attention_nodes == (0 if variant.get("attention") == "plain" else 2)  # one per encoder layer
     assert result.report is not None and result.report.greedy_cases == 4
@@ -207,8 +209,7 @@ def test_fused_attention_encoder_matches_transformers_on_padded_batches(tmp_path
 
 def test_failed_verification_writes_nothing_and_reports_numbers(checkpoint: Path, tmp_path: Path, monkeypatch):
     strict = verify_module.Tolerance(atol=0.0, rtol=0.0, exact_tokens=True)
-    monkeypatch.setattr(verify_module.Tolerance, "for_variant", classmethod(lambda cls, dtype, quantize: strict))
-    monkeypatch.setattr("exporter.export.Tolerance.for_variant", classmethod(lambda cls, dtype, quantize: strict))
+    monkeypatch.setattr(verify_module.Tolerance, "for_precision", classmethod(lambda cls, precision: strict))
     with pytest.raises(ExportError, match=r"verification failed, nothing was written:\n  .*max abs .*max rel"):
         export_onnx(checkpoint, tmp_path / "onnx", options(quantize="int8"), log=quiet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
@@ -425,3 +426,26 @@ def test_generation_settings_the_runtimes_lack_are_refused_by_name(tmp_path: Pat
     with pytest.raises(ExportError, match=f"generation config sets {re.escape(named)}, which cbart's runtimes do not"):
         export_onnx(tmp_path / "ckpt", tmp_path / "onnx", ExportOptions(progress=False))
     assert not (tmp_path / "onnx").exists()
+
+
+def test_a_graph_out_of_topological_order_fails_verification_until_sorted(checkpoint: Path, tmp_path: Path):
+    """The ONNX checker runs in every export's verification; sort_topologically repairs what converters
+    append out of order (fp16's Cast nodes)."""
+    from cbart.exporter.variants import sort_topologically
+    from cbart.exporter.verify import VerificationReport, check_onnx_graphs
+
+    export_onnx(checkpoint, tmp_path / "onnx", options(verify=False), log=quiet)
+    path = tmp_path / "onnx" / "cross_kv.onnx"
+    model = onnx.load(str(path))
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))
+    onnx.save(model, str(path))
+    report = VerificationReport()
+    check_onnx_graphs(tmp_path / "onnx", report)
+    assert "topologically sorted" in report.checker_errors["cross_kv.onnx"]
+    sort_topologically(model.graph)
+    onnx.save(model, str(path))
+    report = VerificationReport()
+    check_onnx_graphs(tmp_path / "onnx", report)
+    assert report.checker_errors == {}

@@ -1,0 +1,75 @@
+"""What ``cbart export`` can be asked for: the options, their choices and defaults, checked in one place.
+
+Kept free of torch and ONNX imports, so the command line reads its choices and defaults from here without
+loading the exporter (``cbart generate`` starts without torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TARGETS = ("onnx", "trt")
+DTYPE_CHOICES = ("fp32", "fp16")
+"""ONNX precision (bf16 exists for TensorRT engines only: ``--to trt --bf16``)."""
+QUANTIZE_CHOICES = ("int8",)
+ATTENTION_CHOICES = ("auto", "fused", "plain")
+"""Encoder and decoder-step self-attention in the ONNX graphs: ``fused`` = ONNX Runtime's MultiHeadAttention
+contrib op (fewer, faster kernels on ONNX Runtime; unknown to TensorRT's parser), ``plain`` = standard ops,
+``auto`` = fused for ONNX exports and plain for TensorRT engines."""
+
+
+LM_HEAD_SCREEN_CHOICES = ("auto", "on", "off")
+"""Decoder step with a screened LM head (``exporter.lm_head_screen``): exact greedy argmax from an 8-bit
+copy of the head. ``auto`` = on for fp32 ONNX exports, off otherwise (it proves the argmax of fp32 logits;
+TensorRT's parser has no MatMulNBits)."""
+
+
+@dataclass
+class ExportOptions:
+    opset: int = 17
+    fuse_encoder: bool = False
+    attention: str = "auto"
+    lm_head_screen: str = "auto"
+    optimize: bool = False
+    dtype: str = "fp32"
+    quantize: str | None = None
+    verify: bool = True
+    tokenizer: str | None = None
+    overwrite: bool = False
+    threads: int | None = None
+    timing_cache: str | None = None
+    progress: bool = True
+    with_torch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.opset < 17:
+            raise ValueError(f"opset must be >= 17 (LayerNormalization), got {self.opset}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(
+                f"--dtype {self.dtype} is not supported for ONNX export; use fp32 or fp16 "
+                "(bf16 is available for TensorRT engines: --to trt --bf16)"
+            )
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
+        if self.lm_head_screen not in LM_HEAD_SCREEN_CHOICES:
+            raise ValueError(
+                f"lm_head_screen must be one of {', '.join(LM_HEAD_SCREEN_CHOICES)}, got {self.lm_head_screen!r}"
+            )
+        if self.lm_head_screen == "on" and (self.dtype != "fp32" or self.quantize):
+            raise ValueError(
+                "--lm-head-screen on proves the argmax of fp32 logits; it applies to fp32 exports only "
+                "(drop --dtype fp16 / --quantize, or use --lm-head-screen auto)"
+            )
+        if self.quantize not in (None, *QUANTIZE_CHOICES):
+            raise ValueError(f"--quantize supports int8 only, got {self.quantize!r}")
+        if self.quantize and self.dtype != "fp32":
+            raise ValueError("int8 quantization starts from fp32 graphs; drop --dtype fp16")
+
+    @property
+    def precision(self) -> str:
+        return self.quantize or self.dtype
+
+    @property
+    def screens_lm_head(self) -> bool:
+        """Whether an ONNX export gets the screened LM head (TensorRT exports never do)."""
+        return self.lm_head_screen != "off" and self.precision == "fp32"
