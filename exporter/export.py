@@ -26,6 +26,7 @@ from cbart.runtime.manifest import (
     DECODER_STEP,
     ENCODER,
     MANIFEST,
+    GraphSpec,
     Manifest,
     ModelDims,
     SpecialTokens,
@@ -236,14 +237,13 @@ def write_onnx(
     screen_lm_head: bool,
     draft: bool = False,
 ) -> tuple[Manifest, dict[str, dict[str, int]]]:
-    """Export, optimise/convert/quantise the graphs into ``tmp`` and write their manifest.
+    """The ONNX pipeline into ``tmp``: export each graph, run its variant passes, then write the manifest.
 
     ``draft``: a speculative pair's draft -- no encoder graph and no tokenizer (the pair shares the full model's).
     """
-    graphs = {}
+    graphs: dict[str, GraphSpec] = {}
     torch_graphs: dict[str, str] = {}
     fused: dict[str, dict[str, int]] = {}
-    dims = model_dims(model)
     definitions = graph_definitions(model, options.fuse_encoder, fused_attention, last_logits_only=draft)
     if draft:
         definitions = [definition for definition in definitions if definition.name != ENCODER]
@@ -253,28 +253,59 @@ def write_onnx(
         graphs[definition.name] = export_graph(definition, tmp, options.opset)
         if options.with_torch:
             torch_graphs[definition.name] = export_torchscript(definition, tmp)
-        path = tmp / graphs[definition.name].file
-        if options.optimize:
-            is_encoder = definition.name == ENCODER
-            heads = model.config.encoder_attention_heads if is_encoder else model.config.decoder_attention_heads
-            width = dims.base_width if is_encoder else dims.latent_width
-            fused[definition.name] = optimize_graph(path, heads, width, fuse_attention=is_encoder)
-        if options.dtype == "fp16":
-            convert_to_fp16(path)
-        if options.quantize == "int8":
-            quantize_int8(path)
-        if screen_lm_head and definition.name == DECODER_STEP:
-            add_screened_lm_head(path)
-            spec = graphs[definition.name]
-            spec.inputs.append(TensorSpec(SWITCH, "bool", []))
-            positions = spec.outputs[0].shape[1]  # the logits' ("target_length", or 1 for a draft)
-            for name in (HIDDEN, RESIDUAL):
-                spec.outputs.append(TensorSpec(name, "float32", ["decoder_batch", positions, dims.latent_width]))
+        fusions = apply_variant_passes(model, definition.name, graphs[definition.name], tmp, options, screen_lm_head)
+        if fusions is not None:
+            fused[definition.name] = fusions
     has_tokenizer = not draft and _copy_tokenizer(checkpoint, options.tokenizer, tmp / "tokenizer")
     if not has_tokenizer:
         shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
-    manifest = Manifest(
-        model=dims,
+    manifest = onnx_manifest(model, graphs, options, has_tokenizer, torch_graphs, screen_lm_head)
+    write_manifest(tmp, manifest)
+    return manifest, fused
+
+
+def apply_variant_passes(
+    model: BartForConditionalGeneration,
+    name: str,
+    spec: GraphSpec,
+    directory: Path,
+    options: ExportOptions,
+    screen_lm_head: bool,
+) -> dict[str, int] | None:
+    """The variant passes on one exported graph, in this order, each its own function: ONNX Runtime's fusions
+    (``--optimize``), fp16, int8, the screened LM head (decoder step). Returns what the fusions fused."""
+    path = directory / spec.file
+    dims = model_dims(model)
+    fused = None
+    if options.optimize:
+        is_encoder = name == ENCODER
+        heads = model.config.encoder_attention_heads if is_encoder else model.config.decoder_attention_heads
+        width = dims.base_width if is_encoder else dims.latent_width
+        fused = optimize_graph(path, heads, width, fuse_attention=is_encoder)
+    if options.dtype == "fp16":
+        convert_to_fp16(path)
+    if options.quantize == "int8":
+        quantize_int8(path)
+    if screen_lm_head and name == DECODER_STEP:
+        add_screened_lm_head(path)
+        spec.inputs.append(TensorSpec(SWITCH, "bool", []))
+        positions = spec.outputs[0].shape[1]  # the logits' ("target_length", or 1 for a draft)
+        for output in (HIDDEN, RESIDUAL):
+            spec.outputs.append(TensorSpec(output, "float32", ["decoder_batch", positions, dims.latent_width]))
+    return fused
+
+
+def onnx_manifest(
+    model: BartForConditionalGeneration,
+    graphs: dict[str, GraphSpec],
+    options: ExportOptions,
+    has_tokenizer: bool,
+    torch_graphs: dict[str, str],
+    screen_lm_head: bool,
+) -> Manifest:
+    """What the runtimes read about an ONNX export (file hashes are added by ``write_manifest``)."""
+    return Manifest(
+        model=model_dims(model),
         tokens=special_tokens(model),
         graphs=graphs,
         files={},
@@ -288,8 +319,6 @@ def write_onnx(
             {"rows": ROWS_FILE, "bounds": BOUNDS_FILE, "bits": BITS, "block_size": BLOCK_SIZE} if screen_lm_head else {}
         ),
     )
-    write_manifest(tmp, manifest)
-    return manifest, fused
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
