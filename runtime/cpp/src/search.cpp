@@ -154,7 +154,7 @@ Rows beam_search(DecoderSession& session, int64_t sources, const SearchSettings&
       for (int64_t i = 0; i < keep; ++i) {
         const bool just_finished = hits[i] && i < beams;
         float candidate = top_scores[i] / penalty;
-        if (group_finished && s.early_stopping == 1) candidate += kBigNegative;
+        if (group_finished && s.early_stopping == EarlyStopping::kTrue) candidate += kBigNegative;
         if (!improvable[n]) candidate += kBigNegative;
         if (!just_finished) candidate += kBigNegative;
         Hypothesis hypothesis = top[i];
@@ -175,7 +175,8 @@ Rows beam_search(DecoderSession& session, int64_t sources, const SearchSettings&
     }
     session.reorder(reorder_rows);
     ++cur_len;
-    const int best_length = (s.early_stopping == 2 && s.length_penalty > 0.0f) ? s.max_length - prompt : cur_len - prompt;
+    const bool never = s.early_stopping == EarlyStopping::kNever;
+    const int best_length = (never && s.length_penalty > 0.0f) ? s.max_length - prompt : cur_len - prompt;
     const float divisor = static_cast<float>(std::pow(static_cast<double>(best_length), s.length_penalty));
     bool any_improvable = false, all_finished = true;
     for (int64_t n = 0; n < sources; ++n) {
@@ -195,7 +196,7 @@ Rows beam_search(DecoderSession& session, int64_t sources, const SearchSettings&
       any_improvable = any_improvable || improvable[n];
       all_finished = all_finished && finished;
     }
-    const bool still_open = !(all_finished && s.early_stopping == 1);
+    const bool still_open = !(all_finished && s.early_stopping == EarlyStopping::kTrue);
     if (!(any_improvable && still_open && !all_hit)) break;
   }
   Rows out;

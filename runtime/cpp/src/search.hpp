@@ -43,12 +43,16 @@ class DecoderSession {
   virtual void truncate(int64_t /*length*/) { throw Error("this decoder session cannot drop cache positions"); }
 };
 
+// transformers' early_stopping for beam search: false (heuristic), true (stop when num_beams hypotheses are
+// done), "never" (the canonical beam search).
+enum class EarlyStopping { kFalse, kTrue, kNever };
+
 struct SearchSettings {
   int max_length = 20;
   int64_t eos = 2, pad = 1, decoder_start = 2;
   int min_length = 0, min_new_tokens = 0, num_beams = 1, no_repeat_ngram_size = 0, num_return_sequences = 1;
   float length_penalty = 1.0f, repetition_penalty = 1.0f;
-  int early_stopping = 0;  // 0 = false, 1 = true, 2 = "never"
+  EarlyStopping early_stopping = EarlyStopping::kFalse;
   std::optional<int64_t> forced_bos, forced_eos;
 };
 
