@@ -308,17 +308,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _print_export_report(result: Any) -> None:
     verification = result.manifest.verification
-    for name, numbers in verification.get("outputs", {}).items():
-        print(f"  {name:32s} max abs {numbers['max_abs']:.2e}  max rel {numbers['max_rel']:.2e}")
-    if verification:
+    if verification is not None:
+        for name, numbers in verification.outputs.items():
+            print(f"  {name:32s} max abs {numbers['max_abs']:.2e}  max rel {numbers['max_rel']:.2e}")
         print(
-            f"  greedy ids identical to PyTorch: {verification['greedy_identical']}, "
-            f"token agreement {100 * verification['token_agreement']:.1f}%"
+            f"  greedy ids identical to PyTorch: {verification.greedy_identical}, "
+            f"token agreement {100 * verification.token_agreement:.1f}%; onnx.checker {verification.onnx_checker}"
         )
-    if "speculative_identical" in verification:
+    if verification is not None and verification.speculative_identical is not None:
         print(
-            f"  speculative greedy identical to PyTorch: {verification['speculative_identical']}, "
-            f"draft acceptance {100 * verification['draft_acceptance']:.1f}%"
+            f"  speculative greedy identical to PyTorch: {verification.speculative_identical}, "
+            f"draft acceptance {100 * (verification.draft_acceptance or 0.0):.1f}%"
         )
     for graph, counts in result.fused.items():
         fused = ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())) or "nothing"
@@ -343,7 +343,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 0
     model = load_model(args.ckpt)
     report = verify_directory(model, args.directory)
-    for name, numbers in report.summary()["outputs"].items():
+    for name, numbers in report.summary().outputs.items():
         print(f"  {name:32s} max abs {numbers['max_abs']:.2e}  max rel {numbers['max_rel']:.2e}")
     print(f"  greedy ids identical to PyTorch: {report.greedy_identical}/{report.greedy_cases}")
     print(f"  onnx.checker (full_check): {'passed' if not report.checker_errors else 'FAILED'}")

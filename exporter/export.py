@@ -25,8 +25,11 @@ from cbart.runtime.lm_head_screen import BOUNDS_FILE, HIDDEN, RESIDUAL, ROWS_FIL
 from cbart.runtime.manifest import (
     DECODER_STEP,
     ENCODER,
+    GENERATION_FIELDS,
     MANIFEST,
+    GenerationDefaults,
     GraphSpec,
+    LmHeadScreenSpec,
     Manifest,
     ModelDims,
     SpecialTokens,
@@ -41,23 +44,6 @@ if TYPE_CHECKING:
 else:
     EngineLimitsLike = Any
 
-GENERATION_FIELDS = (
-    "max_length",
-    "max_new_tokens",
-    "min_length",
-    "min_new_tokens",
-    "num_beams",
-    "num_return_sequences",
-    "length_penalty",
-    "early_stopping",
-    "no_repeat_ngram_size",
-    "repetition_penalty",
-    "do_sample",
-    "top_k",
-    "top_p",
-    "temperature",
-)
-"""The ``generation_config.json`` fields the runtimes honour, carried into the manifest as defaults."""
 TOKEN_FIELDS = (
     "bos_token_id",
     "eos_token_id",
@@ -309,15 +295,13 @@ def onnx_manifest(
         tokens=special_tokens(model),
         graphs=graphs,
         files={},
-        generation=generation_defaults(model),
+        generation=GenerationDefaults(**generation_defaults(model)),
         precision=options.precision,
         backend="onnx",
         tokenizer_dir="tokenizer" if has_tokenizer else None,
         torch_graphs=torch_graphs,
         versions=versions(),
-        lm_head_screen=(
-            {"rows": ROWS_FILE, "bounds": BOUNDS_FILE, "bits": BITS, "block_size": BLOCK_SIZE} if screen_lm_head else {}
-        ),
+        lm_head_screen=LmHeadScreenSpec(ROWS_FILE, BOUNDS_FILE, BITS, BLOCK_SIZE) if screen_lm_head else None,
     )
 
 

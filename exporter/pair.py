@@ -105,10 +105,9 @@ def export_pair(
                     f"{speculative.greedy_cases - speculative.greedy_identical} of {speculative.greedy_cases} "
                     "inputs; nothing was written"
                 )
-            manifest.verification.update(
-                speculative_identical=f"{speculative.greedy_identical}/{speculative.greedy_cases}",
-                draft_acceptance=round(speculative.draft_acceptance or 0.0, 4),
-            )
+            assert manifest.verification is not None  # written by verify_export
+            manifest.verification.speculative_identical = f"{speculative.greedy_identical}/{speculative.greedy_cases}"
+            manifest.verification.draft_acceptance = round(speculative.draft_acceptance or 0.0, 4)
             write_manifest(tmp, manifest)
         result.update(manifest=manifest, report=report, fused=fused)
 

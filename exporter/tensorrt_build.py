@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from cbart.exporter.engine_profiles import EngineLimits, profile_shapes
-from cbart.runtime.manifest import GraphSpec
+from cbart.runtime.manifest import EngineSpec, GraphSpec
 from cbart.runtime.trt_support import cuda_compute_capability, import_tensorrt
 
 import_tensorrt()  # a clear error when TensorRT is missing (or only its type stubs are installed)
@@ -52,11 +51,11 @@ def build_engine(onnx_path: Path, engine_path: Path, spec: GraphSpec, limits: En
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
-def engine_metadata(limits: EngineLimits) -> dict[str, Any]:
+def engine_metadata(limits: EngineLimits) -> EngineSpec:
     """What the runtime checks before loading engines: TensorRT version, GPU architecture, profiles."""
-    return {
-        "tensorrt_version": str(trt.__version__),
-        "compute_capability": cuda_compute_capability(),
-        "limits": asdict(limits),
-        "profiles": {name: list(value) for name, value in limits.ranges().items()},
-    }
+    return EngineSpec(
+        tensorrt_version=str(trt.__version__),
+        compute_capability=cuda_compute_capability(),
+        limits=asdict(limits),
+        profiles={name: list(value) for name, value in limits.ranges().items()},
+    )

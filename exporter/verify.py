@@ -20,7 +20,16 @@ from cbart.exporter.graphs import AutoencoderGraph, CrossKVGraph, DecoderStepGra
 from cbart.runtime.backends.onnxruntime import session_options
 from cbart.runtime.generator import Seq2SeqRuntime
 from cbart.runtime.lm_head_screen import HIDDEN, RESIDUAL, SWITCH
-from cbart.runtime.manifest import AUTOENCODER, CROSS, CROSS_KV, DECODER_STEP, ENCODER, PAST, read_manifest
+from cbart.runtime.manifest import (
+    AUTOENCODER,
+    CROSS,
+    CROSS_KV,
+    DECODER_STEP,
+    ENCODER,
+    PAST,
+    VerificationSummary,
+    read_manifest,
+)
 from transformers import BartForConditionalGeneration
 
 SOURCE_BATCHES = ((6,), (11, 4, 8))
@@ -82,20 +91,20 @@ class VerificationReport:
             )
         return lines
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> VerificationSummary:
         worst: dict[str, dict[str, float]] = {}
         for c in self.comparisons:
             key = f"{c.graph}.{c.output}"
             entry = worst.setdefault(key, {"max_abs": 0.0, "max_rel": 0.0})
             entry["max_abs"] = max(entry["max_abs"], c.max_abs)
             entry["max_rel"] = max(entry["max_rel"], c.max_rel)
-        return {
-            "passed": self.passed,
-            "onnx_checker": "passed" if not self.checker_errors else "failed",
-            "outputs": worst,
-            "greedy_identical": f"{self.greedy_identical}/{self.greedy_cases}",
-            "token_agreement": round(self.token_agreement, 4),
-        }
+        return VerificationSummary(
+            passed=self.passed,
+            onnx_checker="passed" if not self.checker_errors else "failed",
+            outputs=worst,
+            greedy_identical=f"{self.greedy_identical}/{self.greedy_cases}",
+            token_agreement=round(self.token_agreement, 4),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -194,7 +194,7 @@ class Seq2SeqRuntime:
             "forced_bos_token_id": tokens.forced_bos,
             "forced_eos_token_id": tokens.forced_eos,
         }
-        merged.update({key: value for key, value in self.manifest.generation.items() if key in known})
+        merged.update(self.manifest.generation.to_dict())
         merged.update(chosen)
         max_new_tokens = merged.pop("max_new_tokens", None)
         if max_new_tokens is not None:

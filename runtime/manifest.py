@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -98,26 +98,88 @@ class DraftSpec:
 
 
 @dataclass
+class GenerationDefaults:
+    """The checkpoint's generation settings the runtimes honour, resolved as ``generate()`` resolves them
+    (``exporter.export.generation_defaults``). Unset (None) fields are not written."""
+
+    max_length: int | None = None
+    max_new_tokens: int | None = None
+    min_length: int | None = None
+    min_new_tokens: int | None = None
+    num_beams: int | None = None
+    num_return_sequences: int | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | str | None = None
+    no_repeat_ngram_size: int | None = None
+    repetition_penalty: float | None = None
+    do_sample: bool | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+
+GENERATION_FIELDS = tuple(spec.name for spec in fields(GenerationDefaults))
+
+
+@dataclass
+class LmHeadScreenSpec:
+    """The screened LM head's files (``runtime/lm_head_screen.py``) and how its 8-bit copy was made."""
+
+    rows: str
+    bounds: str
+    bits: int
+    block_size: int
+
+
+@dataclass
+class EngineSpec:
+    """TensorRT engines: what the runtime checks before loading them, and the limits of their profiles."""
+
+    tensorrt_version: str
+    compute_capability: str
+    limits: dict[str, Any]
+    profiles: dict[str, list[Any]]
+
+
+@dataclass
+class VerificationSummary:
+    """What the export's own verification measured (``exporter.verify``)."""
+
+    passed: bool
+    outputs: dict[str, dict[str, float]]
+    greedy_identical: str
+    token_agreement: float
+    onnx_checker: str = "not run"  # exports written before the checker joined the verification lack it
+    speculative_identical: str | None = None
+    draft_acceptance: float | None = None
+
+
+@dataclass
 class Manifest:
     model: ModelDims
     tokens: SpecialTokens
     graphs: dict[str, GraphSpec]
     files: dict[str, dict[str, Any]]
-    generation: dict[str, Any] = field(default_factory=dict)
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     precision: str = "fp32"
     backend: str = "onnx"
     tokenizer_dir: str | None = "tokenizer"
     torch_graphs: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
-    engine: dict[str, Any] = field(default_factory=dict)
-    verification: dict[str, Any] = field(default_factory=dict)
-    lm_head_screen: dict[str, Any] = field(default_factory=dict)
+    engine: EngineSpec | None = None
+    verification: VerificationSummary | None = None
+    lm_head_screen: LmHeadScreenSpec | None = None
     draft: DraftSpec | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False)
+        data = asdict(self)
+        data["generation"] = self.generation.to_dict()
+        return json.dumps(data, indent=2, sort_keys=False)
 
     def cache_names(self, prefix: str) -> list[str]:
         """This export's ``PAST``, ``PRESENT`` or ``CROSS`` tensor names."""
@@ -136,15 +198,15 @@ class Manifest:
             tokens=SpecialTokens(**data["tokens"]),
             graphs={name: GraphSpec.from_dict(spec) for name, spec in data["graphs"].items()},
             files=data["files"],
-            generation=data.get("generation", {}),
+            generation=GenerationDefaults(**data.get("generation", {})),
             precision=data.get("precision", "fp32"),
             backend=data.get("backend", "onnx"),
             tokenizer_dir=data.get("tokenizer_dir"),
             torch_graphs=data.get("torch_graphs", {}),
             versions=data.get("versions", {}),
-            engine=data.get("engine", {}),
-            verification=data.get("verification", {}),
-            lm_head_screen=data.get("lm_head_screen", {}),
+            engine=EngineSpec(**data["engine"]) if data.get("engine") else None,
+            verification=VerificationSummary(**data["verification"]) if data.get("verification") else None,
+            lm_head_screen=LmHeadScreenSpec(**data["lm_head_screen"]) if data.get("lm_head_screen") else None,
             draft=DraftSpec(**data["draft"]) if data.get("draft") else None,
             format=data["format"],
             format_version=data["format_version"],

@@ -165,7 +165,7 @@ def test_screen_is_off_for_exports_that_cannot_use_it(exports, tmp_path):
     runtime = Seq2SeqRuntime.from_dir(plain_dir)
     encoded = runtime.encode([[0, 5, 6, 2]])
     assert type(runtime.backend.start(encoded, 1)) is OrtDecoderSession
-    assert runtime.manifest.lm_head_screen == {} and not (plain_dir / "lm_head_rows.npy").exists()
+    assert runtime.manifest.lm_head_screen is None and not (plain_dir / "lm_head_rows.npy").exists()
     graph = onnx.load(str(plain_dir / "decoder_step.onnx"))
     assert not [node for node in graph.graph.node if node.op_type == "If"]  # what TensorRT can parse
     screened = Seq2SeqRuntime.from_dir(screened_dir)

@@ -144,11 +144,11 @@ def test_pair_manifest_and_layout(pairs):
     assert manifest.draft is not None
     assert (manifest.draft.directory, manifest.draft.precision) == (DRAFT_DIRECTORY, "int8")
     assert manifest.draft.architecture == "compressed_bart"
-    assert manifest.verification["speculative_identical"] == "4/4"
+    assert manifest.verification is not None and manifest.verification.speculative_identical == "4/4"
     draft_manifest = read_manifest(pairs["compressed-int8"] / DRAFT_DIRECTORY)
     assert "encoder" not in draft_manifest.graphs and "autoencoder" in draft_manifest.graphs
     assert not (pairs["compressed-int8"] / DRAFT_DIRECTORY / "tokenizer").exists()
-    assert read_manifest(pairs["itself"]).verification["draft_acceptance"] == 1.0
+    assert read_manifest(pairs["itself"]).verification.draft_acceptance == 1.0
     # the draft's LM head runs at the last fed position only (it catches up on several tokens after plain
     # steps); an fp32 draft's screened head follows suit, and the full model's step keeps every position
     assert draft_manifest.last_position_logits and not manifest.last_position_logits

@@ -168,18 +168,23 @@ class TensorRTBackend:
         if manifest.backend != "tensorrt":
             raise ValueError(f"{directory} holds ONNX graphs; load it with backend='onnxruntime'")
         capability = cuda_compute_capability()
-        built_with = manifest.engine.get("tensorrt_version")
+        if manifest.engine is None:
+            raise ExportDirectoryError(
+                f"{directory} has no TensorRT engine section in its manifest; re-export --to trt"
+            )
+        built_with = manifest.engine.tensorrt_version
         if built_with != trt.__version__:
             raise ExportDirectoryError(
                 f"the engines in {directory} were built with TensorRT {built_with}, this is TensorRT "
                 f"{trt.__version__}; rebuild them here with `cbart export CKPT --to trt`"
             )
-        if manifest.engine.get("compute_capability") != capability:
+        if manifest.engine.compute_capability != capability:
             raise ExportDirectoryError(
                 f"the engines in {directory} were built for GPU compute capability "
-                f"{manifest.engine.get('compute_capability')}, this GPU is {capability}; rebuild them on this GPU"
+                f"{manifest.engine.compute_capability}, this GPU is {capability}; rebuild them on this GPU"
             )
         self.manifest = manifest
+        self.limits = manifest.engine.limits
         self.stream = torch.cuda.Stream()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines = {name: EngineRunner(runtime, directory / spec.file) for name, spec in manifest.graphs.items()}
@@ -187,7 +192,7 @@ class TensorRTBackend:
         self.step_graphs: dict[tuple[Any, ...], StepGraphs] = {}
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncodedBatch:
-        check_request(self.manifest.engine["limits"], sources=input_ids.shape[0], source_length=input_ids.shape[1])
+        check_request(self.limits, sources=input_ids.shape[0], source_length=input_ids.shape[1])
         with torch.cuda.stream(self.stream):
             ids = torch.from_numpy(input_ids).cuda()
             mask = torch.from_numpy(attention_mask).cuda()
@@ -202,7 +207,7 @@ class TensorRTBackend:
         self, encoded: EncodedBatch, rows_per_source: int, max_length: int | None = None
     ) -> TensorRTDecoderSession | GraphedDecoderSession:
         rows = encoded.sources * rows_per_source
-        check_request(self.manifest.engine["limits"], rows=rows, max_length=max_length)
+        check_request(self.limits, rows=rows, max_length=max_length)
         if not self.cuda_graphs or max_length is None:
             return TensorRTDecoderSession(self, encoded, rows)
         cross: dict[str, torch.Tensor] = encoded.cross_kv
