@@ -256,6 +256,7 @@ def _distillation(args: argparse.Namespace) -> Any:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from cbart.exporter.export import ExportOptions, export_onnx, export_tensorrt
+    from cbart.exporter.options import check_combination
 
     options = ExportOptions(
         opset=args.opset,
@@ -273,6 +274,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         with_torch=args.with_torch,
     )
+    draft = args.draft is not None
+    check_combination(options, args.to, draft, args.draft_quantize, engine_precision=args.fp16 or args.bf16)
     if args.to == "trt":
         from cbart.exporter.engine_profiles import EngineLimits
 
@@ -287,20 +290,12 @@ def cmd_export(args: argparse.Namespace) -> int:
             fp16=args.fp16,
             bf16=args.bf16,
         )
-        if args.draft is not None:
-            raise ValueError("--draft (speculative pairs) writes ONNX exports only; drop --to trt or --draft")
         result = export_tensorrt(args.checkpoint, args.out, limits, options)
-    elif args.draft is not None:
+    elif draft:
         from cbart.exporter.pair import export_pair
 
-        if args.quantize:
-            raise ValueError("--quantize would change the full model's output; with --draft use --draft-quantize int8")
         result = export_pair(args.checkpoint, args.draft, args.out, options, args.draft_quantize)
     else:
-        if args.fp16 or args.bf16:
-            raise ValueError("--fp16/--bf16 are TensorRT build flags; for ONNX use --dtype fp16")
-        if args.draft_quantize:
-            raise ValueError("--draft-quantize applies to the draft of a speculative pair; add --draft DRAFT_CKPT")
         result = export_onnx(args.checkpoint, args.out, options)
     _print_export_report(result)
     return 0
@@ -665,7 +660,7 @@ def _input_errors() -> tuple[type[Exception], ...]:
     errors: list[type[Exception]] = [FileNotFoundError, KeyError, ValueError]
     for module, name in (
         ("cbart.compression.checkpoint", "CheckpointError"),
-        ("cbart.exporter.export", "ExportError"),
+        ("cbart.exporter.options", "ExportError"),
         ("cbart.runtime.manifest", "ExportDirectoryError"),
     ):
         if module in sys.modules:

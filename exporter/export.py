@@ -18,7 +18,7 @@ from cbart.compression.checkpoint import atomic_directory, is_compressed_checkpo
 from cbart.exporter.disk_space import export_need, space_problems
 from cbart.exporter.lm_head_screen import BITS, BLOCK_SIZE, add_screened_lm_head
 from cbart.exporter.onnx_export import export_graph, export_torchscript, graph_definitions
-from cbart.exporter.options import ExportOptions
+from cbart.exporter.options import ExportError, ExportOptions, check_combination
 from cbart.exporter.variants import convert_to_fp16, optimize_graph, quantize_int8
 from cbart.exporter.verify import VerificationReport, verify_directory
 from cbart.runtime.lm_head_screen import BOUNDS_FILE, HIDDEN, RESIDUAL, ROWS_FILE, SWITCH
@@ -69,10 +69,6 @@ NO_OUTPUT_EFFECT = (
     "low_memory",
 )
 """Fields that change what ``generate()`` returns besides the ids, or how fast, but never the ids."""
-
-
-class ExportError(RuntimeError):
-    """The export could not be produced or failed its verification; nothing was written."""
 
 
 @dataclass
@@ -385,23 +381,7 @@ def export_tensorrt(
 
     options = options or ExportOptions()
     out = Path(out)
-    if options.dtype != "fp32" or options.quantize:
-        raise ExportError("for --to trt choose precision with --fp16/--bf16; --dtype/--quantize apply to ONNX exports")
-    if options.attention == "fused":
-        raise ExportError(
-            "--attention fused uses ONNX Runtime's MultiHeadAttention contrib op, which TensorRT's ONNX parser "
-            "cannot read; use --attention plain (or auto) with --to trt"
-        )
-    if options.lm_head_screen == "on":
-        raise ExportError(
-            "--lm-head-screen on uses ONNX Runtime's MatMulNBits contrib op, which TensorRT's ONNX parser cannot "
-            "read; use --lm-head-screen auto (or off) with --to trt"
-        )
-    if options.optimize:
-        raise ExportError(
-            "--optimize applies ONNX Runtime's transformer fusions (com.microsoft ops), which TensorRT's ONNX parser "
-            "cannot read; drop --optimize with --to trt (TensorRT fuses the graph itself when it builds engines)"
-        )
+    check_combination(options, "trt")
     try:
         require_tensorrt()
     except TensorRTUnavailable as error:

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+
+class ExportError(RuntimeError):
+    """The export could not be produced or failed its verification; nothing was written."""
+
+
 TARGETS = ("onnx", "trt")
 DTYPE_CHOICES = ("fp32", "fp16")
 """ONNX precision (bf16 exists for TensorRT engines only: ``--to trt --bf16``)."""
@@ -73,3 +78,50 @@ class ExportOptions:
     def screens_lm_head(self) -> bool:
         """Whether an ONNX export gets the screened LM head (TensorRT exports never do)."""
         return self.lm_head_screen != "off" and self.precision == "fp32"
+
+
+def check_combination(
+    options: ExportOptions,
+    target: str = "onnx",
+    draft: bool = False,
+    draft_quantize: str | None = None,
+    engine_precision: bool = False,
+) -> None:
+    """Every check on how export options combine, in one place (``ExportOptions`` checks each one alone).
+
+    ``target``: ``onnx`` or ``trt``; ``draft``: a speculative pair (``--draft``); ``engine_precision``: a TensorRT
+    precision flag (``--fp16``/``--bf16``) was given.
+    """
+    if target == "trt":
+        if draft:
+            raise ExportError("--draft (speculative pairs) writes ONNX exports only; drop --to trt or --draft")
+        if options.dtype != "fp32" or options.quantize:
+            raise ExportError(
+                "for --to trt choose precision with --fp16/--bf16; --dtype/--quantize apply to ONNX exports"
+            )
+        if options.attention == "fused":
+            raise ExportError(
+                "--attention fused uses ONNX Runtime's MultiHeadAttention contrib op, which TensorRT's ONNX parser "
+                "cannot read; use --attention plain (or auto) with --to trt"
+            )
+        if options.lm_head_screen == "on":
+            raise ExportError(
+                "--lm-head-screen on uses ONNX Runtime's MatMulNBits contrib op, which TensorRT's ONNX parser "
+                "cannot read; use --lm-head-screen auto (or off) with --to trt"
+            )
+        if options.optimize:
+            raise ExportError(
+                "--optimize applies ONNX Runtime's transformer fusions (com.microsoft ops), which TensorRT's ONNX "
+                "parser cannot read; drop --optimize with --to trt (TensorRT fuses the graph itself when it builds "
+                "engines)"
+            )
+        return
+    if engine_precision:
+        raise ExportError("--fp16/--bf16 are TensorRT build flags; for ONNX use --dtype fp16")
+    if draft:
+        if options.quantize:
+            raise ExportError("--quantize would change the full model's output; with --draft use --draft-quantize int8")
+        if options.fuse_encoder:
+            raise ExportError("--fuse-encoder cannot be used with --draft: the pair shares the encoder graph")
+    elif draft_quantize:
+        raise ExportError("--draft-quantize applies to the draft of a speculative pair; add --draft DRAFT_CKPT")

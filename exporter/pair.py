@@ -29,6 +29,7 @@ from cbart.exporter.export import (
     write_manifest,
     write_onnx,
 )
+from cbart.exporter.options import check_combination
 from cbart.exporter.verify import VerificationReport, compare_generation, verify_directory
 from cbart.runtime.manifest import DraftSpec
 from transformers import BartForConditionalGeneration
@@ -69,8 +70,7 @@ def export_pair(
     stays the full fp32 model's, since only the full model's verification decides it.
     """
     options = options or ExportOptions()
-    if options.fuse_encoder:
-        raise ExportError("--fuse-encoder cannot be used with --draft: the pair shares the encoder graph")
+    check_combination(options, draft=True, draft_quantize=draft_quantize)
     draft_options = replace(options, quantize=draft_quantize, lm_head_screen="off" if draft_quantize else "auto")
     out = Path(out)
     check_destination(out, options)

@@ -199,6 +199,11 @@ class Seq2SeqRuntime:
         max_new_tokens = merged.pop("max_new_tokens", None)
         if max_new_tokens is not None:
             merged["max_length"] = max_new_tokens + 1  # the decoder start token counts, as in generate()
+        if "max_length" not in merged:
+            raise ValueError(
+                f"{self.directory}'s manifest carries no max_length (it was written by an older cbart); pass "
+                "max_new_tokens or max_length, or re-export"
+            )
         if merged.get("min_new_tokens") is not None:
             merged["min_length"] = 0  # generate() replaces min_length with min_new_tokens + 1
         settings = GenerationSettings(**merged)

@@ -142,6 +142,20 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return scores
 
 
+class TokenChoice:
+    """One token per row from processed scores, kept apart from the search loop that produces the scores:
+    the argmax (greedy), or a draw from the warped distribution (sampling, seeded by ``settings.seed``)."""
+
+    def __init__(self, settings: GenerationSettings) -> None:
+        self.settings = settings
+        self.rng = np.random.default_rng(settings.seed)
+
+    def __call__(self, scores: np.ndarray) -> np.ndarray:
+        if self.settings.do_sample:
+            return sample_tokens(sampling_distribution(scores, self.settings), self.rng)
+        return scores.argmax(axis=-1).astype(np.int64)
+
+
 def greedy_or_sample(
     session: DecoderSession,
     rows: int,
@@ -149,7 +163,7 @@ def greedy_or_sample(
     on_step: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Greedy search or multinomial sampling; ``on_step`` receives each new column of tokens."""
-    rng = np.random.default_rng(settings.seed)
+    choose = TokenChoice(settings)
     sequences = np.full((rows, 1), settings.decoder_start_token_id, dtype=np.int64)
     unfinished = np.ones(rows, dtype=bool)
     # The screen needs every processor to mask or force tokens only (settings.screenable).
@@ -161,11 +175,7 @@ def greedy_or_sample(
             scores = screened.screen.refine(masked, hidden, residual)
         else:
             scores = process_scores(session.step(sequences[:, -1:]), sequences, settings)
-        if settings.do_sample:
-            tokens = sample_tokens(sampling_distribution(scores, settings), rng)
-        else:
-            tokens = scores.argmax(axis=-1).astype(np.int64)
-        tokens = np.where(unfinished, tokens, settings.pad_token_id)
+        tokens = np.where(unfinished, choose(scores), settings.pad_token_id)
         sequences = np.concatenate([sequences, tokens[:, None]], axis=1)
         if on_step is not None:
             on_step(tokens)

@@ -260,3 +260,26 @@ def test_one_truncation_policy_in_both_runtimes(binary, exported):
     completed = run(binary, directory, [{"input_ids": too_long, "truncation": False}])
     assert completed.returncode == 1
     assert "input of 202 tokens exceeds the model's maximum of 160; shorten it" in completed.stderr
+
+
+def test_an_older_manifest_without_generation_defaults_still_runs(binary, exported, tmp_path):
+    """Exports written before the defaults were carried: rules stay off, and max_length must come with the
+    request (neither runtime invents one); both say so."""
+    _, directory = exported
+    copy = tmp_path / "older"
+    shutil.copytree(directory, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["generation"] = {}
+    manifest["verification"] = {
+        key: manifest["verification"][key] for key in ("passed", "outputs", "greedy_identical", "token_agreement")
+    }
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    runtime = Seq2SeqRuntime.from_dir(copy)
+    assert runtime.manifest.verification is not None and runtime.manifest.verification.onnx_checker == "not run"
+    with pytest.raises(ValueError, match="carries no max_length .* pass max_new_tokens"):
+        runtime.generate([[0, 5, 6, 2]])
+    python = runtime.generate([[0, 5, 6, 2]], max_new_tokens=5).sequences
+    completed = run(binary, copy, [{"input_ids": [[0, 5, 6, 2]]}])
+    assert completed.returncode == 1 and "carries no max_length" in completed.stderr
+    completed = run(binary, copy, [{"input_ids": [[0, 5, 6, 2]], "max_new_tokens": 5}])
+    assert json.loads(completed.stdout.splitlines()[0])["sequences"] == python

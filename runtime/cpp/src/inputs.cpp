@@ -16,7 +16,12 @@ SearchSettings resolve_settings(const Manifest& manifest, const GenerationOption
   // (either) takes precedence over max_length, and min_new_tokens over min_length, as in generate().
   const std::optional<int> max_new = o.max_new_tokens ? o.max_new_tokens : manifest.max_new_tokens;
   const std::optional<int> min_new = o.min_new_tokens ? o.min_new_tokens : manifest.min_new_tokens;
-  s.max_length = max_new ? *max_new + 1 : o.max_length.value_or(manifest.max_length);
+  const std::optional<int> max_length = o.max_length ? o.max_length : manifest.max_length;
+  if (!max_new && !max_length) {
+    throw Error("this export's manifest carries no max_length (it was written by an older cbart); pass "
+                "max_new_tokens or max_length, or re-export");
+  }
+  s.max_length = max_new ? *max_new + 1 : *max_length;
   s.min_length = min_new ? 0 : o.min_length.value_or(manifest.min_length);
   s.min_new_tokens = min_new.value_or(0);
   s.num_beams = o.num_beams.value_or(manifest.num_beams);

@@ -71,24 +71,27 @@ Manifest read_manifest(const std::string& directory, bool check_files, bool draf
     }
     const auto& pair = data.value("draft", nlohmann::json());
     if (pair.is_object()) manifest.draft_directory = pair.at("directory").get<std::string>();
-    // The checkpoint's generation defaults, as the exporter carried them (exporter/export.py GENERATION_FIELDS):
-    // the runtime hard-codes none. Fields older exports lack (do_sample, num_return_sequences, max/min new
-    // tokens) mean "not set".
+    // The checkpoint's generation defaults, as the exporter resolved them (runtime/manifest.py
+    // GenerationDefaults): the runtime hard-codes none. A field an older export lacks is "not set": its
+    // processor is off; a missing max_length must then come with the request (inputs.cpp).
     const auto& generation = data.at("generation");
-    manifest.max_length = generation.at("max_length");
-    manifest.min_length = generation.at("min_length");
-    manifest.num_beams = generation.at("num_beams");
-    manifest.no_repeat_ngram_size = generation.at("no_repeat_ngram_size");
-    manifest.length_penalty = generation.at("length_penalty");
-    manifest.repetition_penalty = generation.at("repetition_penalty");
-    const auto& stop = generation.at("early_stopping");
-    manifest.early_stopping = stop.is_string() ? stop.get<std::string>() : (stop.get<bool>() ? "true" : "false");
-    if (generation.contains("num_return_sequences")) {
-      manifest.num_return_sequences = generation.at("num_return_sequences");
+    const auto set = [&generation](const char* key) {
+      return generation.contains(key) && !generation.at(key).is_null();
+    };
+    if (set("max_length")) manifest.max_length = generation.at("max_length").get<int>();
+    if (set("max_new_tokens")) manifest.max_new_tokens = generation.at("max_new_tokens").get<int>();
+    if (set("min_length")) manifest.min_length = generation.at("min_length");
+    if (set("min_new_tokens")) manifest.min_new_tokens = generation.at("min_new_tokens").get<int>();
+    if (set("num_beams")) manifest.num_beams = generation.at("num_beams");
+    if (set("num_return_sequences")) manifest.num_return_sequences = generation.at("num_return_sequences");
+    if (set("no_repeat_ngram_size")) manifest.no_repeat_ngram_size = generation.at("no_repeat_ngram_size");
+    if (set("length_penalty")) manifest.length_penalty = generation.at("length_penalty");
+    if (set("repetition_penalty")) manifest.repetition_penalty = generation.at("repetition_penalty");
+    if (set("do_sample")) manifest.do_sample = generation.at("do_sample");
+    if (set("early_stopping")) {
+      const auto& stop = generation.at("early_stopping");
+      manifest.early_stopping = stop.is_string() ? stop.get<std::string>() : (stop.get<bool>() ? "true" : "false");
     }
-    if (generation.contains("do_sample")) manifest.do_sample = generation.at("do_sample");
-    if (generation.contains("max_new_tokens")) manifest.max_new_tokens = generation.at("max_new_tokens").get<int>();
-    if (generation.contains("min_new_tokens")) manifest.min_new_tokens = generation.at("min_new_tokens").get<int>();
     if (check_files) {
       for (const auto& [name, entry] : data.at("files").items()) {
         const std::string file_path = directory + "/" + name;

@@ -16,12 +16,13 @@ struct Manifest {
   std::optional<int64_t> forced_bos, forced_eos;
   std::map<std::string, std::string> graph_files;                  // graph name -> file
   std::map<std::string, std::vector<std::string>> inputs, outputs;  // graph name -> tensor names
-  // generation defaults: the checkpoint's, read from the manifest (nothing hard-coded)
-  int max_length = 0, min_length = 0, num_beams = 0, no_repeat_ngram_size = 0, num_return_sequences = 1;
-  std::optional<int> max_new_tokens, min_new_tokens;  // when set, they take precedence (as in transformers)
+  // generation defaults: the checkpoint's, read from the manifest. Nothing is hard-coded: an unset field
+  // leaves its rule off (the values below), and an unset max_length must come with the request.
+  std::optional<int> max_length, max_new_tokens, min_new_tokens;  // new tokens take precedence (transformers)
+  int min_length = 0, num_beams = 1, no_repeat_ngram_size = 0, num_return_sequences = 1;
   bool do_sample = false;
-  float length_penalty = 0.0f, repetition_penalty = 0.0f;
-  std::string early_stopping;
+  float length_penalty = 1.0f, repetition_penalty = 1.0f;
+  std::string early_stopping = "false";
   std::string backend;
   // the screened LM head's files (fp32 ONNX exports); empty when the export has none
   std::string lm_head_rows, lm_head_bounds;
