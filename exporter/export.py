@@ -226,6 +226,7 @@ def write_onnx(
     graphs: dict[str, GraphSpec] = {}
     torch_graphs: dict[str, str] = {}
     fused: dict[str, dict[str, int]] = {}
+    dims = model_dims(model)
     definitions = graph_definitions(model, options.fuse_encoder, fused_attention, last_logits_only=draft)
     if draft:
         definitions = [definition for definition in definitions if definition.name != ENCODER]
@@ -235,7 +236,9 @@ def write_onnx(
         graphs[definition.name] = export_graph(definition, tmp, options.opset)
         if options.with_torch:
             torch_graphs[definition.name] = export_torchscript(definition, tmp)
-        fusions = apply_variant_passes(model, definition.name, graphs[definition.name], tmp, options, screen_lm_head)
+        fusions = apply_variant_passes(
+            model, dims, definition.name, graphs[definition.name], tmp, options, screen_lm_head
+        )
         if fusions is not None:
             fused[definition.name] = fusions
     has_tokenizer = not draft and _copy_tokenizer(checkpoint, options.tokenizer, tmp / "tokenizer")
@@ -248,6 +251,7 @@ def write_onnx(
 
 def apply_variant_passes(
     model: BartForConditionalGeneration,
+    dims: ModelDims,
     name: str,
     spec: GraphSpec,
     directory: Path,
@@ -257,7 +261,6 @@ def apply_variant_passes(
     """The variant passes on one exported graph, in this order, each its own function: ONNX Runtime's fusions
     (``--optimize``), fp16, int8, the screened LM head (decoder step). Returns what the fusions fused."""
     path = directory / spec.file
-    dims = model_dims(model)
     fused = None
     if options.optimize:
         is_encoder = name == ENCODER

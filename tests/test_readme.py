@@ -9,17 +9,22 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_python_api_example_runs(tmp_path: Path):
+def run_readme_block(after: str, directory: Path) -> dict:
+    """Run the README's first Python block after the text ``after``, in ``directory``; its namespace."""
     text = README.read_text()
-    section = text[text.index("## Python API") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", text[text.index(after) :], re.S).group(1)
     cwd = os.getcwd()
-    os.chdir(tmp_path)
+    os.chdir(directory)
     try:
         namespace: dict = {}
         exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 -- the point is to run the docs
     finally:
         os.chdir(cwd)
+    return namespace
+
+
+def test_python_api_example_runs(tmp_path: Path):
+    namespace = run_readme_block("## Python API", tmp_path)
     assert namespace["model"].config.latent_sizes == [576, 480, 384]
     assert (tmp_path / "bart-384" / "model.safetensors").is_file()
 
@@ -34,15 +39,7 @@ def test_seq2seq_trainer_recipe_runs_and_trains_only_the_decoder(tmp_path: Path,
     save_checkpoint(model, tmp_path / "compressed-ckpt", bart_tokenizer)
     rows = (shared_data / "multi30k" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:32]
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    text = README.read_text()
-    section = text[text.index("**Stage 2 with `Seq2SeqTrainer`.**") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        exec(compile(code, "README.md", "exec"), {})  # noqa: S102 -- the point is to run the docs
-    finally:
-        os.chdir(cwd)
+    run_readme_block("**Stage 2 with `Seq2SeqTrainer`.**", tmp_path)
     trained = load_compressed_model(tmp_path / "compressed-stage2")
     before, after = model.state_dict(), trained.state_dict()
     frozen = [name for name in before if name.startswith("model.encoder.")]
