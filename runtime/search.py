@@ -208,74 +208,162 @@ def _gather(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
     return np.take_along_axis(values, indices.reshape(indices.shape + (1,) * (values.ndim - 2)), axis=1)
 
 
-def beam_search(session: DecoderSession, sources: int, settings: GenerationSettings) -> np.ndarray:
-    """transformers' vectorised beam search, step for step (see ``GenerationMixin._beam_search``)."""
-    beams, max_length, prompt = settings.num_beams, settings.max_length, 1
-    keep = 2 * beams  # beams_to_keep = max(2, 1 + number of EOS ids) * num_beams
-    top_beam_mask = np.arange(keep) < beams
-    fill = settings.pad_token_id if settings.pad_token_id else settings.eos_token_id
-    running = np.full((sources, beams, max_length), fill, dtype=np.int64)
-    running[:, :, 0] = settings.decoder_start_token_id
-    finished_sequences = running.copy()
-    running_scores = np.zeros((sources, beams), dtype=np.float32)
-    running_scores[:, 1:] = BIG_NEGATIVE
-    finished_scores = np.full((sources, beams), BIG_NEGATIVE, dtype=np.float32)
-    is_finished = np.zeros((sources, beams), dtype=bool)
-    improvable = np.ones((sources, 1), dtype=bool)
-    running_indices = np.full((sources, beams, max_length - prompt), -1, dtype=np.int64)
-    finished_indices = running_indices.copy()
-    offsets = (np.arange(sources) * beams)[:, None]
-    cur_len = prompt
-    while True:
-        flat = running[:, :, :cur_len].reshape(sources * beams, cur_len)
-        log_probs = process_scores(log_softmax(session.step(flat[:, -1:])), flat, settings, owned=True)
-        vocab = log_probs.shape[-1]
-        log_probs = log_probs.reshape(sources, beams, vocab)
-        log_probs += running_scores[:, :, None]
-        log_probs = log_probs.reshape(sources, -1)
+@dataclass
+class BeamState:
+    """transformers' beam search state: per source, ``num_beams`` running and ``num_beams`` finished
+    hypotheses with their scores and the flattened beam index each step came from (-1: none)."""
 
-        top_scores, top_flat = _top_k(log_probs, keep)
-        top_beams, top_tokens = top_flat // vocab, top_flat % vocab
-        top_sequences = _gather(running, top_beams)
-        top_sequences[:, :, cur_len] = top_tokens
-        top_indices = _gather(running_indices, top_beams)
-        top_indices[:, :, cur_len - prompt] = top_beams + offsets
-        hits = (top_tokens == settings.eos_token_id) | (cur_len + 1 >= max_length)
+    running: np.ndarray  # [sources, beams, max_length]
+    running_scores: np.ndarray  # [sources, beams]
+    running_indices: np.ndarray  # [sources, beams, max_length - 1]
+    finished: np.ndarray
+    finished_scores: np.ndarray
+    finished_indices: np.ndarray
+    is_finished: np.ndarray  # [sources, beams]
+    improvable: np.ndarray  # [sources, 1]: the early-stop heuristic has not closed the source
+    cur_len: int = 1
 
-        masked = top_scores + hits.astype(np.float32) * BIG_NEGATIVE
-        _, next_beams = _top_k(masked, beams)
-        running = _gather(top_sequences, next_beams)
-        running_scores = _gather(masked, next_beams)
-        running_indices = _gather(top_indices, next_beams)
+    @classmethod
+    def start(cls, sources: int, settings: GenerationSettings) -> BeamState:
+        beams, max_length = settings.num_beams, settings.max_length
+        fill = settings.pad_token_id if settings.pad_token_id else settings.eos_token_id
+        running = np.full((sources, beams, max_length), fill, dtype=np.int64)
+        running[:, :, 0] = settings.decoder_start_token_id
+        running_scores = np.zeros((sources, beams), dtype=np.float32)
+        running_scores[:, 1:] = BIG_NEGATIVE  # all beams start identical: only the first may continue
+        indices = np.full((sources, beams, max_length - 1), -1, dtype=np.int64)
+        return cls(
+            running=running,
+            running_scores=running_scores,
+            running_indices=indices,
+            finished=running.copy(),
+            finished_scores=np.full((sources, beams), BIG_NEGATIVE, dtype=np.float32),
+            finished_indices=indices.copy(),
+            is_finished=np.zeros((sources, beams), dtype=bool),
+            improvable=np.ones((sources, 1), dtype=bool),
+        )
 
-        just_finished = hits & top_beam_mask[None, :]
-        candidate = top_scores / np.float32((cur_len + 1 - prompt) ** settings.length_penalty)
-        full = is_finished.all(axis=-1, keepdims=True) & (settings.early_stopping is True)
-        candidate = candidate + full.astype(np.float32) * BIG_NEGATIVE
-        candidate = candidate + (~improvable).astype(np.float32) * BIG_NEGATIVE
-        candidate = candidate + (~just_finished).astype(np.float32) * BIG_NEGATIVE
-        merged_scores = np.concatenate([finished_scores, candidate], axis=1)
-        _, chosen = _top_k(merged_scores, beams)
-        finished_sequences = _gather(np.concatenate([finished_sequences, top_sequences], axis=1), chosen)
-        finished_scores = _gather(merged_scores, chosen)
-        finished_indices = _gather(np.concatenate([finished_indices, top_indices], axis=1), chosen)
-        is_finished = _gather(np.concatenate([is_finished, just_finished], axis=1), chosen)
 
-        session.reorder(running_indices[:, :, cur_len - prompt].reshape(-1))
-        cur_len += 1
-        if settings.early_stopping == "never" and settings.length_penalty > 0.0:
-            best_length = max_length - prompt
-        else:
-            best_length = cur_len - prompt
-        best_running = running_scores[:, :1] / np.float32(best_length**settings.length_penalty)
-        worst_finished = np.where(is_finished, finished_scores.min(axis=1, keepdims=True), BIG_NEGATIVE)
-        improvable = improvable & (best_running > worst_finished).any(axis=-1, keepdims=True)
-        still_open = not (is_finished.all() and settings.early_stopping is True)
-        if not (improvable.any() and still_open and not hits.all()):
-            break
+@dataclass
+class Continuations:
+    """The ``2 * num_beams`` best one-token continuations of each source's running beams."""
 
-    returned = settings.num_return_sequences
-    sequences = finished_sequences[:, :returned].reshape(sources * returned, max_length)
-    indices = finished_indices[:, :returned].reshape(sources * returned, -1)
+    scores: np.ndarray  # [sources, keep] summed log-probs
+    sequences: np.ndarray  # [sources, keep, max_length]
+    indices: np.ndarray  # [sources, keep, max_length - 1]
+    hits: np.ndarray  # [sources, keep]: ends here (EOS or max_length)
+
+
+# The named steps of one beam search iteration, in order; runtime/cpp/src/search.cpp has the same
+# functions, called in the same order (tests/test_search_steps.py compares the two).
+BEAM_STEPS = (
+    "beam_log_probs",
+    "top_k_continuations",
+    "update_running_beams",
+    "update_finished_beams",
+    "check_early_stop_heuristic",
+    "has_unfinished_sequences",
+)
+
+
+def beam_log_probs(session: DecoderSession, state: BeamState, settings: GenerationSettings) -> np.ndarray:
+    """Step the decoder on each running beam's last token; processed log-probs plus the beam's score,
+    flattened per source to [sources, beams * vocab]."""
+    sources, beams, _ = state.running.shape
+    flat = state.running[:, :, : state.cur_len].reshape(sources * beams, state.cur_len)
+    log_probs = process_scores(log_softmax(session.step(flat[:, -1:])), flat, settings, owned=True)
+    log_probs = log_probs.reshape(sources, beams, -1)
+    log_probs += state.running_scores[:, :, None]
+    return log_probs.reshape(sources, -1)
+
+
+def top_k_continuations(state: BeamState, log_probs: np.ndarray, settings: GenerationSettings) -> Continuations:
+    """Keep ``2 * num_beams`` candidates per source, so that ``num_beams`` remain after the ones that end."""
+    beams, cur_len = settings.num_beams, state.cur_len
+    vocab = log_probs.shape[-1] // beams
+    scores, flat = _top_k(log_probs, 2 * beams)  # beams_to_keep = max(2, 1 + number of EOS ids) * num_beams
+    from_beams, tokens = flat // vocab, flat % vocab
+    sequences = _gather(state.running, from_beams)
+    sequences[:, :, cur_len] = tokens
+    indices = _gather(state.running_indices, from_beams)
+    indices[:, :, cur_len - 1] = from_beams + (np.arange(len(flat)) * beams)[:, None]
+    hits = (tokens == settings.eos_token_id) | (cur_len + 1 >= settings.max_length)
+    return Continuations(scores, sequences, indices, hits)
+
+
+def update_running_beams(state: BeamState, continuations: Continuations, beams: int) -> None:
+    """The best ``num_beams`` continuations that did not end keep running."""
+    masked = continuations.scores + continuations.hits.astype(np.float32) * BIG_NEGATIVE
+    _, chosen = _top_k(masked, beams)
+    state.running = _gather(continuations.sequences, chosen)
+    state.running_scores = _gather(masked, chosen)
+    state.running_indices = _gather(continuations.indices, chosen)
+
+
+def update_finished_beams(state: BeamState, continuations: Continuations, settings: GenerationSettings) -> None:
+    """Continuations that ended among the top ``num_beams`` compete, length-penalised, with the finished ones.
+
+    A source's new candidates are refused when it already holds ``num_beams`` finished hypotheses under
+    ``early_stopping=True``, or when the early-stop heuristic has closed it.
+    """
+    beams = settings.num_beams
+    just_finished = continuations.hits & (np.arange(2 * beams) < beams)[None, :]
+    new_tokens = state.cur_len  # the candidate's generated length: cur_len + 1 tokens less the start token
+    candidate = continuations.scores / np.float32(new_tokens**settings.length_penalty)
+    full = state.is_finished.all(axis=-1, keepdims=True) & (settings.early_stopping is True)
+    candidate = candidate + full.astype(np.float32) * BIG_NEGATIVE
+    candidate = candidate + (~state.improvable).astype(np.float32) * BIG_NEGATIVE
+    candidate = candidate + (~just_finished).astype(np.float32) * BIG_NEGATIVE
+    merged_scores = np.concatenate([state.finished_scores, candidate], axis=1)
+    _, chosen = _top_k(merged_scores, beams)
+    state.finished = _gather(np.concatenate([state.finished, continuations.sequences], axis=1), chosen)
+    state.finished_scores = _gather(merged_scores, chosen)
+    state.finished_indices = _gather(np.concatenate([state.finished_indices, continuations.indices], axis=1), chosen)
+    state.is_finished = _gather(np.concatenate([state.is_finished, just_finished], axis=1), chosen)
+
+
+def check_early_stop_heuristic(state: BeamState, settings: GenerationSettings) -> None:
+    """Close a source once its best running beam, length-penalised, cannot beat its worst finished one.
+
+    With ``early_stopping="never"`` and a positive length penalty, the running beam is credited with the
+    longest length it could still reach (the canonical beam search); otherwise with its current length.
+    """
+    if settings.early_stopping == "never" and settings.length_penalty > 0.0:
+        best_length = settings.max_length - 1
+    else:
+        best_length = state.cur_len - 1
+    best_running = state.running_scores[:, :1] / np.float32(best_length**settings.length_penalty)
+    worst_finished = np.where(state.is_finished, state.finished_scores.min(axis=1, keepdims=True), BIG_NEGATIVE)
+    state.improvable &= (best_running > worst_finished).any(axis=-1, keepdims=True)
+
+
+def has_unfinished_sequences(state: BeamState, continuations: Continuations, settings: GenerationSettings) -> bool:
+    """Go on while some source can improve, ``early_stopping=True`` has not filled every source, and not
+    every continuation ended."""
+    filled = state.is_finished.all() and settings.early_stopping is True
+    return bool(state.improvable.any()) and not filled and not continuations.hits.all()
+
+
+def finalize_beams(state: BeamState, settings: GenerationSettings) -> np.ndarray:
+    """The best ``num_return_sequences`` finished hypotheses per source, trimmed to the longest one."""
+    sources, returned = state.finished.shape[0], settings.num_return_sequences
+    sequences = state.finished[:, :returned].reshape(sources * returned, settings.max_length)
+    indices = state.finished_indices[:, :returned].reshape(sources * returned, -1)
     generated = int((indices + 1).astype(bool).sum(axis=1).max())
-    return sequences[:, : prompt + generated]
+    return sequences[:, : 1 + generated]
+
+
+def beam_search(session: DecoderSession, sources: int, settings: GenerationSettings) -> np.ndarray:
+    """transformers' vectorised beam search, step for step (see ``GenerationMixin._beam_search``): the
+    ``BEAM_STEPS`` in order, the cache reordered to the surviving beams between them."""
+    state = BeamState.start(sources, settings)
+    while True:
+        log_probs = beam_log_probs(session, state, settings)
+        continuations = top_k_continuations(state, log_probs, settings)
+        update_running_beams(state, continuations, settings.num_beams)
+        update_finished_beams(state, continuations, settings)
+        session.reorder(state.running_indices[:, :, state.cur_len - 1].reshape(-1))
+        state.cur_len += 1
+        check_early_stop_heuristic(state, settings)
+        if not has_unfinished_sequences(state, continuations, settings):
+            return finalize_beams(state, settings)

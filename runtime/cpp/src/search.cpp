@@ -81,138 +81,211 @@ Rows greedy_search(DecoderSession& session, int64_t rows, const SearchSettings& 
   }
 }
 
-Rows beam_search(DecoderSession& session, int64_t sources, const SearchSettings& s) {
-  const int64_t beams = s.num_beams, keep = 2 * beams, vocab = session.vocab();
-  const LogitsProcessors processors = logits_processors(s);
-  const int prompt = 1;
-  const int64_t fill = s.pad ? s.pad : s.eos;
-  struct Hypothesis {
-    std::vector<int64_t> tokens;   // max_length entries, `fill` past the end
-    std::vector<int64_t> indices;  // flattened beam index per generated step, -1 = none
-    float score = 0.0f;
-    bool finished = false;
-  };
-  const Hypothesis blank{std::vector<int64_t>(static_cast<size_t>(s.max_length), fill),
-                         std::vector<int64_t>(static_cast<size_t>(s.max_length - prompt), -1), 0.0f, false};
-  std::vector<std::vector<Hypothesis>> running(sources, std::vector<Hypothesis>(beams, blank));
-  std::vector<std::vector<Hypothesis>> done(sources, std::vector<Hypothesis>(beams, blank));
-  for (auto& group : running) {
+namespace {
+
+// One hypothesis: its tokens (max_length entries, `fill` past the end), the flattened beam index each
+// generated step came from (-1: none), its score and whether it ended.
+struct Hypothesis {
+  std::vector<int64_t> tokens;
+  std::vector<int64_t> indices;
+  float score = 0.0f;
+  bool finished = false;
+};
+
+// transformers' beam search state (runtime/search.py's BeamState): per source, num_beams running and
+// num_beams finished hypotheses.
+struct BeamState {
+  std::vector<std::vector<Hypothesis>> running, finished;
+  std::vector<bool> improvable;  // the early-stop heuristic has not closed the source
+  int cur_len = 1;
+
+  static BeamState start(int64_t sources, const SearchSettings& s) {
+    const int64_t fill = s.pad ? s.pad : s.eos;
+    Hypothesis blank{std::vector<int64_t>(static_cast<size_t>(s.max_length), fill),
+                     std::vector<int64_t>(static_cast<size_t>(s.max_length - 1), -1), kBigNegative, false};
+    blank.tokens[0] = s.decoder_start;
+    BeamState state{std::vector<std::vector<Hypothesis>>(sources, std::vector<Hypothesis>(s.num_beams, blank)),
+                    std::vector<std::vector<Hypothesis>>(sources, std::vector<Hypothesis>(s.num_beams, blank)),
+                    std::vector<bool>(static_cast<size_t>(sources), true)};
+    // All beams start identical: only the first may continue.
+    for (auto& group : state.running) group[0].score = 0.0f;
+    return state;
+  }
+};
+
+// The 2 x num_beams best one-token continuations of each source's running beams (score: summed log-probs).
+struct Continuations {
+  std::vector<std::vector<Hypothesis>> top;
+  std::vector<std::vector<bool>> hits;  // ends here (EOS or max_length)
+};
+
+// The named steps of one iteration, as runtime/search.py's BEAM_STEPS, called in the same order by
+// beam_search (tests/test_search_steps.py compares the two).
+
+// Steps the decoder on each running beam's last token; processed log-probs plus the beam's score
+// (rows x vocab, rows grouped by source).
+std::vector<float> beam_log_probs(DecoderSession& session, const BeamState& state, const LogitsProcessors& processors) {
+  const int64_t vocab = session.vocab();
+  Rows flat;
+  std::vector<int64_t> last;
+  for (const auto& group : state.running) {
+    for (const auto& hypothesis : group) {
+      flat.emplace_back(hypothesis.tokens.begin(), hypothesis.tokens.begin() + state.cur_len);
+      last.push_back(hypothesis.tokens[state.cur_len - 1]);
+    }
+  }
+  std::vector<float> scores = session.step(last);
+  log_softmax(scores, vocab);
+  process_scores(scores, vocab, flat, processors);
+  size_t row = 0;
+  for (const auto& group : state.running) {
+    for (const auto& hypothesis : group) {
+      for (int64_t v = 0; v < vocab; ++v) scores[row * vocab + v] += hypothesis.score;
+      ++row;
+    }
+  }
+  return scores;
+}
+
+// Keeps 2 x num_beams candidates per source, so that num_beams remain after the ones that end.
+Continuations top_k_continuations(const BeamState& state, const std::vector<float>& log_probs, int64_t vocab,
+                                  const SearchSettings& s) {
+  const int64_t beams = s.num_beams, keep = 2 * beams, width = beams * vocab;
+  Continuations continuations;
+  for (size_t n = 0; n < state.running.size(); ++n) {
+    const float* candidates = log_probs.data() + n * width;
+    std::vector<Hypothesis> top;
+    std::vector<bool> hits;
+    for (int64_t flat : top_k(candidates, width, keep)) {
+      const int64_t beam = flat / vocab, token = flat % vocab;
+      Hypothesis hypothesis = state.running[n][beam];
+      hypothesis.tokens[state.cur_len] = token;
+      hypothesis.indices[state.cur_len - 1] = beam + static_cast<int64_t>(n) * beams;
+      hypothesis.score = candidates[flat];
+      top.push_back(std::move(hypothesis));
+      hits.push_back(token == s.eos || state.cur_len + 1 >= s.max_length);
+    }
+    continuations.top.push_back(std::move(top));
+    continuations.hits.push_back(std::move(hits));
+  }
+  return continuations;
+}
+
+// The best num_beams continuations that did not end keep running.
+void update_running_beams(BeamState& state, const Continuations& continuations, int64_t beams) {
+  for (size_t n = 0; n < state.running.size(); ++n) {
+    std::vector<float> masked;
+    for (size_t i = 0; i < continuations.top[n].size(); ++i) {
+      masked.push_back(continuations.top[n][i].score + (continuations.hits[n][i] ? kBigNegative : 0.0f));
+    }
+    const std::vector<int64_t> chosen = top_k(masked.data(), static_cast<int64_t>(masked.size()), beams);
     for (int64_t b = 0; b < beams; ++b) {
-      group[b].tokens[0] = s.decoder_start;
-      group[b].score = b == 0 ? 0.0f : kBigNegative;
+      state.running[n][b] = continuations.top[n][chosen[b]];
+      state.running[n][b].score = masked[chosen[b]];
     }
   }
-  for (auto& group : done) {
-    for (auto& hypothesis : group) {
-      hypothesis.tokens[0] = s.decoder_start;
-      hypothesis.score = kBigNegative;
+}
+
+// Continuations that ended among the top num_beams compete, length-penalised, with the finished ones; a
+// source refuses new candidates once early_stopping=true has filled it or the heuristic has closed it.
+void update_finished_beams(BeamState& state, const Continuations& continuations, const SearchSettings& s) {
+  const int64_t beams = s.num_beams;
+  const int new_tokens = state.cur_len;  // the candidate's generated length: cur_len + 1 tokens less the start
+  const float penalty = static_cast<float>(std::pow(static_cast<double>(new_tokens), s.length_penalty));
+  for (size_t n = 0; n < state.finished.size(); ++n) {
+    bool full = true;
+    for (const auto& hypothesis : state.finished[n]) full = full && hypothesis.finished;
+    std::vector<Hypothesis> merged = state.finished[n];
+    for (size_t i = 0; i < continuations.top[n].size(); ++i) {
+      const bool just_finished = continuations.hits[n][i] && static_cast<int64_t>(i) < beams;
+      Hypothesis hypothesis = continuations.top[n][i];
+      hypothesis.score /= penalty;
+      if (full && s.early_stopping == EarlyStopping::kTrue) hypothesis.score += kBigNegative;
+      if (!state.improvable[n]) hypothesis.score += kBigNegative;
+      if (!just_finished) hypothesis.score += kBigNegative;
+      hypothesis.finished = just_finished;
+      merged.push_back(std::move(hypothesis));
     }
+    std::vector<float> merged_scores;
+    for (const auto& hypothesis : merged) merged_scores.push_back(hypothesis.score);
+    std::vector<Hypothesis> kept;
+    for (int64_t index : top_k(merged_scores.data(), static_cast<int64_t>(merged.size()), beams)) {
+      kept.push_back(merged[index]);
+    }
+    state.finished[n] = std::move(kept);
   }
-  std::vector<bool> improvable(sources, true);
-  int cur_len = prompt;
-  while (true) {
-    Rows flat;
-    std::vector<int64_t> last;
-    for (const auto& group : running) {
-      for (const auto& hypothesis : group) {
-        flat.emplace_back(hypothesis.tokens.begin(), hypothesis.tokens.begin() + cur_len);
-        last.push_back(hypothesis.tokens[cur_len - 1]);
-      }
+}
+
+// Closes a source once its best running beam, length-penalised, cannot beat its worst finished one
+// (credited with the longest reachable length under early_stopping="never" and a positive length penalty).
+void check_early_stop_heuristic(BeamState& state, const SearchSettings& s) {
+  const bool never = s.early_stopping == EarlyStopping::kNever;
+  const int best_length = (never && s.length_penalty > 0.0f) ? s.max_length - 1 : state.cur_len - 1;
+  const float divisor = static_cast<float>(std::pow(static_cast<double>(best_length), s.length_penalty));
+  for (size_t n = 0; n < state.finished.size(); ++n) {
+    float minimum = std::numeric_limits<float>::infinity();
+    for (const auto& hypothesis : state.finished[n]) minimum = std::min(minimum, hypothesis.score);
+    bool better = false;
+    for (const auto& hypothesis : state.finished[n]) {
+      const float worst = hypothesis.finished ? minimum : kBigNegative;
+      better = better || state.running[n][0].score / divisor > worst;
     }
-    std::vector<float> scores = session.step(last);
-    log_softmax(scores, vocab);
-    process_scores(scores, vocab, flat, processors);
-    bool all_hit = true;
-    std::vector<int64_t> reorder_rows;
-    for (int64_t n = 0; n < sources; ++n) {
-      std::vector<float> candidates(static_cast<size_t>(beams * vocab));
-      for (int64_t b = 0; b < beams; ++b) {
-        const float* values = scores.data() + (n * beams + b) * vocab;
-        for (int64_t v = 0; v < vocab; ++v) candidates[b * vocab + v] = values[v] + running[n][b].score;
-      }
-      const std::vector<int64_t> best = top_k(candidates.data(), beams * vocab, keep);
-      std::vector<Hypothesis> top(static_cast<size_t>(keep));
-      std::vector<bool> hits(static_cast<size_t>(keep));
-      std::vector<float> top_scores(static_cast<size_t>(keep)), masked(static_cast<size_t>(keep));
-      for (int64_t i = 0; i < keep; ++i) {
-        const int64_t beam = best[i] / vocab, token = best[i] % vocab;
-        top[i] = running[n][beam];
-        top[i].tokens[cur_len] = token;
-        top[i].indices[cur_len - prompt] = beam + n * beams;
-        top_scores[i] = candidates[best[i]];
-        hits[i] = token == s.eos || cur_len + 1 >= s.max_length;
-        masked[i] = top_scores[i] + (hits[i] ? kBigNegative : 0.0f);
-        all_hit = all_hit && hits[i];
-      }
-      const std::vector<int64_t> next = top_k(masked.data(), keep, beams);
-      bool group_finished = true;
-      for (const auto& hypothesis : done[n]) group_finished = group_finished && hypothesis.finished;
-      std::vector<Hypothesis> merged = done[n];
-      std::vector<float> merged_scores;
-      for (const auto& hypothesis : done[n]) merged_scores.push_back(hypothesis.score);
-      const float penalty = static_cast<float>(std::pow(static_cast<double>(cur_len + 1 - prompt), s.length_penalty));
-      for (int64_t i = 0; i < keep; ++i) {
-        const bool just_finished = hits[i] && i < beams;
-        float candidate = top_scores[i] / penalty;
-        if (group_finished && s.early_stopping == EarlyStopping::kTrue) candidate += kBigNegative;
-        if (!improvable[n]) candidate += kBigNegative;
-        if (!just_finished) candidate += kBigNegative;
-        Hypothesis hypothesis = top[i];
-        hypothesis.score = candidate;
-        hypothesis.finished = just_finished;
-        merged.push_back(hypothesis);
-        merged_scores.push_back(candidate);
-      }
-      const std::vector<int64_t> chosen = top_k(merged_scores.data(), static_cast<int64_t>(merged.size()), beams);
-      std::vector<Hypothesis> new_done;
-      for (int64_t index : chosen) new_done.push_back(merged[index]);
-      done[n] = std::move(new_done);
-      for (int64_t b = 0; b < beams; ++b) {
-        running[n][b] = top[next[b]];
-        running[n][b].score = masked[next[b]];
-        reorder_rows.push_back(running[n][b].indices[cur_len - prompt]);
-      }
-    }
-    session.reorder(reorder_rows);
-    ++cur_len;
-    const bool never = s.early_stopping == EarlyStopping::kNever;
-    const int best_length = (never && s.length_penalty > 0.0f) ? s.max_length - prompt : cur_len - prompt;
-    const float divisor = static_cast<float>(std::pow(static_cast<double>(best_length), s.length_penalty));
-    bool any_improvable = false, all_finished = true;
-    for (int64_t n = 0; n < sources; ++n) {
-      float worst = kBigNegative;
-      bool finished = true;
-      float minimum = std::numeric_limits<float>::infinity();
-      for (const auto& hypothesis : done[n]) {
-        minimum = std::min(minimum, hypothesis.score);
-        finished = finished && hypothesis.finished;
-      }
-      bool better = false;
-      for (const auto& hypothesis : done[n]) {
-        worst = hypothesis.finished ? minimum : kBigNegative;
-        better = better || running[n][0].score / divisor > worst;
-      }
-      improvable[n] = improvable[n] && better;
-      any_improvable = any_improvable || improvable[n];
-      all_finished = all_finished && finished;
-    }
-    const bool still_open = !(all_finished && s.early_stopping == EarlyStopping::kTrue);
-    if (!(any_improvable && still_open && !all_hit)) break;
+    state.improvable[n] = state.improvable[n] && better;
   }
-  Rows out;
+}
+
+// Goes on while some source can improve, early_stopping=true has not filled every source, and not every
+// continuation ended.
+bool has_unfinished_sequences(const BeamState& state, const Continuations& continuations, const SearchSettings& s) {
+  bool any_improvable = false, filled = true, all_hit = true;
+  for (size_t n = 0; n < state.finished.size(); ++n) {
+    any_improvable = any_improvable || state.improvable[n];
+    for (const auto& hypothesis : state.finished[n]) filled = filled && hypothesis.finished;
+    for (bool hit : continuations.hits[n]) all_hit = all_hit && hit;
+  }
+  filled = filled && s.early_stopping == EarlyStopping::kTrue;
+  return any_improvable && !filled && !all_hit;
+}
+
+// The best num_return_sequences finished hypotheses per source, trimmed to the longest one.
+Rows finalize_beams(const BeamState& state, const SearchSettings& s) {
   size_t generated = 0;
-  for (const auto& group : done) {
+  for (const auto& group : state.finished) {
     for (int64_t r = 0; r < s.num_return_sequences; ++r) {
       const auto& indices = group[r].indices;
       generated = std::max<size_t>(generated, std::count_if(indices.begin(), indices.end(), [](int64_t i) { return i != -1; }));
     }
   }
-  for (const auto& group : done) {
+  Rows out;
+  for (const auto& group : state.finished) {
     for (int64_t r = 0; r < s.num_return_sequences; ++r) {
-      out.emplace_back(group[r].tokens.begin(), group[r].tokens.begin() + prompt + generated);
+      out.emplace_back(group[r].tokens.begin(), group[r].tokens.begin() + 1 + generated);
     }
   }
   return out;
+}
+
+}  // namespace
+
+// transformers' beam search, step for step: the named steps above in order, the cache reordered to the
+// surviving beams between them.
+Rows beam_search(DecoderSession& session, int64_t sources, const SearchSettings& s) {
+  const LogitsProcessors processors = logits_processors(s);
+  BeamState state = BeamState::start(sources, s);
+  while (true) {
+    const std::vector<float> log_probs = beam_log_probs(session, state, processors);
+    const Continuations continuations = top_k_continuations(state, log_probs, session.vocab(), s);
+    update_running_beams(state, continuations, s.num_beams);
+    update_finished_beams(state, continuations, s);
+    std::vector<int64_t> rows;
+    for (const auto& group : state.running) {
+      for (const auto& hypothesis : group) rows.push_back(hypothesis.indices[state.cur_len - 1]);
+    }
+    session.reorder(rows);
+    ++state.cur_len;
+    check_early_stop_heuristic(state, s);
+    if (!has_unfinished_sequences(state, continuations, s)) return finalize_beams(state, s);
+  }
 }
 
 }  // namespace cbart
