@@ -273,6 +273,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         timing_cache=args.timing_cache,
         progress=not args.no_progress,
         with_torch=args.with_torch,
+        inflight=args.inflight,
     )
     draft = args.draft is not None
     check_combination(options, args.to, draft, args.draft_quantize, engine_precision=args.fp16 or args.bf16)
@@ -538,6 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--no-verify", action="store_true", help="skip the parity checks against PyTorch")
     export.add_argument("--with-torch", action="store_true", help="also write TorchScript graphs (backend='torch')")
+    export.add_argument(
+        "--inflight",
+        action="store_true",
+        help="decoder step with per-row positions, so that `cbart serve` adds requests to a running batch "
+        "(in-flight batching); other generation gives the same ids",
+    )
     export.add_argument(
         "--tokenizer", default=None, help="tokenizer to copy into the export (default: the checkpoint's)"
     )

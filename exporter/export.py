@@ -227,7 +227,9 @@ def write_onnx(
     torch_graphs: dict[str, str] = {}
     fused: dict[str, dict[str, int]] = {}
     dims = model_dims(model)
-    definitions = graph_definitions(model, options.fuse_encoder, fused_attention, last_logits_only=draft)
+    definitions = graph_definitions(
+        model, options.fuse_encoder, fused_attention, last_logits_only=draft, per_row_positions=options.inflight
+    )
     if draft:
         definitions = [definition for definition in definitions if definition.name != ENCODER]
     for definition in tqdm(

@@ -243,14 +243,24 @@ class DecoderStepGraph(nn.Module):
     ``last_logits_only``: ``logits`` at the last new position only, [B, 1, vocab] -- a speculative pair's
     draft, which catches up on several tokens after plain full-model steps but only ever proposes from
     the last one; its LM head then runs once, not once per fed token.
+
+    ``per_row_positions`` (in-flight batching): two more inputs after ``encoder_attention_mask``,
+    ``positions`` [B, T] (each row's own token positions) and ``self_attention_mask`` [B, P + T] (1 where a row
+    may attend). A request that joins a running batch gets past entries it must not see (its cache is shorter
+    than the batch's); the mask hides them and its positions count its own tokens only.
     """
 
     def __init__(
-        self, model: BartForConditionalGeneration, fused_attention: bool = False, last_logits_only: bool = False
+        self,
+        model: BartForConditionalGeneration,
+        fused_attention: bool = False,
+        last_logits_only: bool = False,
+        per_row_positions: bool = False,
     ) -> None:
         super().__init__()
         self.fused_attention = fused_attention
         self.last_logits_only = last_logits_only
+        self.per_row_positions = per_row_positions
         decoder = model.model.decoder
         self.embed_tokens = decoder.embed_tokens
         self.embed_positions = decoder.embed_positions
@@ -265,16 +275,21 @@ class DecoderStepGraph(nn.Module):
         self, input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor, *caches: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         layers = len(self.layers)
+        row_positions, self_mask = (caches[0], caches[1]) if self.per_row_positions else (None, None)
+        caches = caches[2:] if self.per_row_positions else caches
         past, cross = caches[: 2 * layers], caches[2 * layers :]
         past_length = past[0].shape[2]
         steps = input_ids.shape[1]
-        positions = torch.arange(steps, device=input_ids.device) + past_length
+        columns = torch.arange(steps, device=input_ids.device) + past_length  # the new tokens' cache columns
+        positions = columns if row_positions is None else row_positions
         hidden = self.embed_tokens(input_ids) + self.embed_positions.weight[positions + self.embed_positions.offset]
         hidden = self.layernorm_embedding(hidden)
 
         total = past_length + steps
-        allowed = torch.arange(total, device=input_ids.device)[None, :] <= (positions[:, None])
-        causal = torch.zeros(1, 1, steps, total, dtype=hidden.dtype, device=hidden.device)
+        allowed = (torch.arange(total, device=input_ids.device)[None, :] <= columns[:, None])[None, None]
+        if self_mask is not None:
+            allowed = allowed & self_mask[:, None, None, :].bool()  # [B, 1, T, P + T]
+        causal = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
         causal = causal.masked_fill(~allowed, torch.finfo(hidden.dtype).min)
         cross_mask = (1.0 - encoder_attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
         fused = self.fused_attention and torch.onnx.is_in_onnx_export()
@@ -322,7 +337,7 @@ class _Step:
     """What every layer of one decoder step shares, built once per step graph."""
 
     attend: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # cached self-attention, fused or not
-    causal: torch.Tensor  # [1, 1, T, P + T] additive mask
+    causal: torch.Tensor  # [1 or B, 1, T, P + T] additive mask
     cross_mask: torch.Tensor  # [N, 1, 1, S] additive mask
     by_source: Target  # cross-attention query rows as [N, -1, heads, head_dim]
     by_token: Target  # the decoder hidden states' [B, T, d]
@@ -362,7 +377,7 @@ def _cached_self_attention(
     heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decoder self-attention over the cache: ``[B, T, d]`` bias-free projections, packed ``[3d]`` biases,
-    an additive ``[1, 1, T, P + T]`` mask -> (context ``[B, T, d]``, present key, present value)."""
+    an additive ``[1 or B, 1, T, P + T]`` mask -> (context ``[B, T, d]``, present key, present value)."""
     query, key, value = _biased_heads(query, key, value, bias, heads)
     key = torch.cat([past_key, key], dim=2)
     value = torch.cat([past_value, value], dim=2)

@@ -27,6 +27,8 @@ from cbart.runtime.manifest import (
     STEP_ENCODER_MASK,
     STEP_INPUT_IDS,
     STEP_LOGITS,
+    STEP_POSITIONS,
+    STEP_SELF_MASK,
     GraphSpec,
     TensorSpec,
     cache_names,
@@ -64,11 +66,13 @@ def graph_definitions(
     fuse_encoder: bool,
     fused_attention: bool = False,
     last_logits_only: bool = False,
+    per_row_positions: bool = False,
 ) -> list[GraphDefinition]:
     """The graphs of the export directory and how their axes are named (see ``exporter.graphs``).
 
     ``fused_attention`` exports the encoder's and the decoder step's self-attention as ONNX Runtime contrib nodes.
     ``last_logits_only``: the decoder step's logits at the last new position only (a speculative pair's draft).
+    ``per_row_positions``: the decoder step also takes ``positions`` and ``self_attention_mask`` (``--inflight``).
     """
     config = model.config
     _, compressor = model_parts(model)
@@ -137,20 +141,26 @@ def graph_definitions(
     step_inputs: dict[str, list[str | int]] = {
         STEP_INPUT_IDS: ["decoder_batch", "target_length"],
         STEP_ENCODER_MASK: ["batch", "source_length"],
-        **_caches(PAST, "decoder_batch", "past_length", dims),
-        **_caches(CROSS, "batch", "source_length", dims),
     }
+    row_inputs: tuple[torch.Tensor, ...] = ()
+    if per_row_positions:
+        step_inputs[STEP_POSITIONS] = ["decoder_batch", "target_length"]
+        step_inputs[STEP_SELF_MASK] = ["decoder_batch", "past_length + target_length"]
+        row_inputs = (torch.tensor([[3], [1], [3], [2]]), torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]] * 2))
+    step_inputs.update(_caches(PAST, "decoder_batch", "past_length", dims))
+    step_inputs.update(_caches(CROSS, "batch", "source_length", dims))
+    integer_inputs = (STEP_INPUT_IDS, STEP_ENCODER_MASK, STEP_POSITIONS, STEP_SELF_MASK)
     definitions.append(
         GraphDefinition(
             DECODER_STEP,
-            DecoderStepGraph(model, fused_attention, last_logits_only),
-            (torch.tensor([[2], [0], [5], [6]]), mask, *past, *cross),
+            DecoderStepGraph(model, fused_attention, last_logits_only, per_row_positions),
+            (torch.tensor([[2], [0], [5], [6]]), mask, *row_inputs, *past, *cross),
             step_inputs,
             {
                 STEP_LOGITS: ["decoder_batch", 1 if last_logits_only else "target_length", config.vocab_size],
                 **_caches(PRESENT, "decoder_batch", "past_length + target_length", dims),
             },
-            {name: ("int64" if name in (STEP_INPUT_IDS, STEP_ENCODER_MASK) else "float") for name in step_inputs},
+            {name: ("int64" if name in integer_inputs else "float") for name in step_inputs},
         )
     )
     return definitions

@@ -45,6 +45,9 @@ class ExportOptions:
     timing_cache: str | None = None
     progress: bool = True
     with_torch: bool = False
+    inflight: bool = False
+    """The decoder step also takes per-row positions and a self-attention mask, so that ``cbart serve`` can add
+    requests to a running batch (in-flight batching); other generation is unchanged, token for token."""
 
     def __post_init__(self) -> None:
         if self.opset < 17:
@@ -109,6 +112,11 @@ def check_combination(
                 "--lm-head-screen on uses ONNX Runtime's MatMulNBits contrib op, which TensorRT's ONNX parser "
                 "cannot read; use --lm-head-screen auto (or off) with --to trt"
             )
+        if options.inflight:
+            raise ExportError(
+                "--inflight (per-row positions for in-flight batching) is an ONNX Runtime feature of `cbart serve`; "
+                "drop --inflight with --to trt"
+            )
         if options.optimize:
             raise ExportError(
                 "--optimize applies ONNX Runtime's transformer fusions (com.microsoft ops), which TensorRT's ONNX "
@@ -123,5 +131,10 @@ def check_combination(
             raise ExportError("--quantize would change the full model's output; with --draft use --draft-quantize int8")
         if options.fuse_encoder:
             raise ExportError("--fuse-encoder cannot be used with --draft: the pair shares the encoder graph")
+        if options.inflight:
+            raise ExportError(
+                "--inflight cannot be used with --draft: in-flight batching decodes without a draft; export the "
+                "full model alone with --inflight for `cbart serve`"
+            )
     elif draft_quantize:
         raise ExportError("--draft-quantize applies to the draft of a speculative pair; add --draft DRAFT_CKPT")

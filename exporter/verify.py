@@ -27,6 +27,8 @@ from cbart.runtime.manifest import (
     DECODER_STEP,
     ENCODER,
     PAST,
+    STEP_POSITIONS,
+    STEP_SELF_MASK,
     VerificationSummary,
     read_manifest,
 )
@@ -187,7 +189,9 @@ def compare_graphs(
     fused = AUTOENCODER not in sessions
     encoder = FusedEncoderGraph(model) if fused else EncoderGraph(model)
     cross_graph = CrossKVGraph(model)
-    step_graph = DecoderStepGraph(model, last_logits_only=manifest.last_position_logits)
+    step_graph = DecoderStepGraph(
+        model, last_logits_only=manifest.last_position_logits, per_row_positions=manifest.per_row_positions
+    )
     autoencoder = None if fused else AutoencoderGraph(model)
     dims = manifest.model
     with torch.no_grad():
@@ -232,8 +236,15 @@ def _compare_steps(session, step_graph, cross, mask, rows_per_source, manifest, 
         tokens = rng.integers(4, dims.vocab_size, (rows, steps)).astype(np.int64)
         if past_length == 0:
             tokens[:, 0] = 2
-        expected = step_graph(torch.from_numpy(tokens), mask_tensor, *past, *cross)
         feeds = {"input_ids": tokens, "encoder_attention_mask": mask}
+        row_inputs: list[torch.Tensor] = []
+        if manifest.per_row_positions:  # each row as if it had joined a running batch `row % 2` steps late
+            self_mask = np.ones((rows, past_length + steps), dtype=np.int64)
+            self_mask[1::2, : min(past_length, 1)] = 0
+            positions = np.arange(steps)[None, :] + self_mask[:, :past_length].sum(axis=1, keepdims=True)
+            feeds[STEP_POSITIONS], feeds[STEP_SELF_MASK] = positions, self_mask
+            row_inputs = [torch.from_numpy(positions), torch.from_numpy(self_mask)]
+        expected = step_graph(torch.from_numpy(tokens), mask_tensor, *row_inputs, *past, *cross)
         if any(tensor.name == SWITCH for tensor in spec.inputs):
             feeds[SWITCH] = np.array(True)
         feeds.update(

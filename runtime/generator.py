@@ -128,7 +128,13 @@ class Seq2SeqRuntime:
         sequences = [[int(token) for token in item] for item in inputs]  # type: ignore[union-attr]
         return sequences, False
 
-    def _pad(self, sequences: list[list[int]], truncation: bool) -> tuple[np.ndarray, np.ndarray]:
+    def token_ids(self, inputs: Inputs, truncation: bool = True) -> tuple[list[list[int]], bool]:
+        """``inputs`` as checked token-id lists, truncated as ``generate()`` truncates them, and whether they
+        were texts. Raises ``ValueError`` naming the problem (empty, out of vocabulary, too long)."""
+        sequences, texts = self._to_ids(inputs)
+        return self._checked(sequences, truncation), texts
+
+    def _checked(self, sequences: list[list[int]], truncation: bool) -> list[list[int]]:
         limit = self.max_source_length
         if any(len(ids) == 0 for ids in sequences):
             raise ValueError("empty input: one of the inputs has no tokens")
@@ -146,6 +152,10 @@ class Seq2SeqRuntime:
             warnings.warn(f"truncating {len(too_long)} input(s) to the model's maximum of {limit} tokens", stacklevel=3)
             eos = self.manifest.tokens.eos
             sequences = [ids if len(ids) <= limit else [*ids[: limit - 1], eos] for ids in sequences]
+        return sequences
+
+    def _pad(self, sequences: list[list[int]], truncation: bool) -> tuple[np.ndarray, np.ndarray]:
+        sequences = self._checked(sequences, truncation)
         width = max(len(ids) for ids in sequences)
         input_ids = np.full((len(sequences), width), self.manifest.tokens.pad, dtype=np.int64)
         mask = np.zeros((len(sequences), width), dtype=np.int64)

@@ -28,6 +28,9 @@ class ExportDirectoryError(RuntimeError):
 ENCODER, AUTOENCODER, CROSS_KV, DECODER_STEP = "encoder", "autoencoder", "cross_kv", "decoder_step"
 STEP_INPUT_IDS, STEP_ENCODER_MASK, STEP_LOGITS = "input_ids", "encoder_attention_mask", "logits"
 PAST, PRESENT, CROSS = "past", "present", "cross"
+# Exports made with ``--inflight`` also take each row's positions and which cache entries it may attend to, so
+# rows of different requests (different lengths) can share one step: in-flight batching (runtime/inflight.py).
+STEP_POSITIONS, STEP_SELF_MASK = "positions", "self_attention_mask"
 
 
 def cache_names(prefix: str, layers: int) -> list[str]:
@@ -190,6 +193,11 @@ class Manifest:
         """Whether the decoder step returns logits at the last new position only ([rows, 1, vocab]): a
         speculative pair's draft, which only proposes from the last position it was fed."""
         return self.graphs[DECODER_STEP].outputs[0].shape[1] == 1
+
+    @property
+    def per_row_positions(self) -> bool:
+        """Whether the decoder step takes ``STEP_POSITIONS`` and ``STEP_SELF_MASK`` (an ``--inflight`` export)."""
+        return any(tensor.name == STEP_POSITIONS for tensor in self.graphs[DECODER_STEP].inputs)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:

@@ -156,6 +156,28 @@ class TokenChoice:
         return scores.argmax(axis=-1).astype(np.int64)
 
 
+class DecodingRows:
+    """The rows of greedy search or sampling: their tokens so far, which are still open, and how each next
+    token is chosen. ``greedy_or_sample`` drives one batch of them; ``runtime.inflight`` one per request."""
+
+    def __init__(self, rows: int, settings: GenerationSettings) -> None:
+        self.settings = settings
+        self.choose = TokenChoice(settings)
+        self.sequences = np.full((rows, 1), settings.decoder_start_token_id, dtype=np.int64)
+        self.unfinished = np.ones(rows, dtype=bool)
+
+    def advance(self, scores: np.ndarray) -> np.ndarray:
+        """Append one token per row chosen from processed ``scores`` (pad once a row has ended); return them."""
+        tokens = np.where(self.unfinished, self.choose(scores), self.settings.pad_token_id)
+        self.sequences = np.concatenate([self.sequences, tokens[:, None]], axis=1)
+        self.unfinished &= tokens != self.settings.eos_token_id
+        return tokens
+
+    @property
+    def done(self) -> bool:
+        return not self.unfinished.any() or self.sequences.shape[1] >= self.settings.max_length
+
+
 def greedy_or_sample(
     session: DecoderSession,
     rows: int,
@@ -163,25 +185,21 @@ def greedy_or_sample(
     on_step: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Greedy search or multinomial sampling; ``on_step`` receives each new column of tokens."""
-    choose = TokenChoice(settings)
-    sequences = np.full((rows, 1), settings.decoder_start_token_id, dtype=np.int64)
-    unfinished = np.ones(rows, dtype=bool)
+    state = DecodingRows(rows, settings)
     # The screen needs every processor to mask or force tokens only (settings.screenable).
     screened = session if isinstance(session, ScreenedDecoderSession) and settings.screenable else None
     while True:
         if screened is not None:
-            approximate, hidden, residual = screened.step_screened(sequences[:, -1:])
-            masked = process_scores(approximate, sequences, settings, owned=True)
+            approximate, hidden, residual = screened.step_screened(state.sequences[:, -1:])
+            masked = process_scores(approximate, state.sequences, settings, owned=True)
             scores = screened.screen.refine(masked, hidden, residual)
         else:
-            scores = process_scores(session.step(sequences[:, -1:]), sequences, settings)
-        tokens = np.where(unfinished, choose(scores), settings.pad_token_id)
-        sequences = np.concatenate([sequences, tokens[:, None]], axis=1)
+            scores = process_scores(session.step(state.sequences[:, -1:]), state.sequences, settings)
+        tokens = state.advance(scores)
         if on_step is not None:
             on_step(tokens)
-        unfinished &= tokens != settings.eos_token_id
-        if not unfinished.any() or sequences.shape[1] >= settings.max_length:
-            return sequences
+        if state.done:
+            return state.sequences
 
 
 def _top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

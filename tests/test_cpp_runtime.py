@@ -283,3 +283,16 @@ def test_an_older_manifest_without_generation_defaults_still_runs(binary, export
     assert completed.returncode == 1 and "carries no max_length" in completed.stderr
     completed = run(binary, copy, [{"input_ids": [[0, 5, 6, 2]], "max_new_tokens": 5}])
     assert json.loads(completed.stdout.splitlines()[0])["sequences"] == python
+
+
+def test_cpp_reads_an_inflight_export(binary, tmp_path):
+    """An --inflight export's decoder step also takes positions and a self-attention mask: C++ feeds them."""
+    model = tiny_compressed("paper", seed=7, positions=160)
+    save_checkpoint(model, tmp_path / "ckpt")
+    export_onnx(tmp_path / "ckpt", tmp_path / "onnx", ExportOptions(inflight=True, progress=False), log=lambda *_: None)
+    ids, mask, inputs = sequences(5)
+    for settings in ({"num_beams": 1, "max_new_tokens": 12}, {"num_beams": 3, "max_new_tokens": 8}):
+        completed = run(binary, tmp_path / "onnx", [{"input_ids": inputs, **settings}])
+        assert completed.returncode == 0, completed.stderr
+        expected = model.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
+        assert json.loads(completed.stdout)["sequences"] == expected

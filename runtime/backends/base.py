@@ -30,6 +30,13 @@ class EncodedBatch:
         return int(self.attention_mask.shape[0])
 
 
+def uniform_positions(rows: int, past_length: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """An ``--inflight`` step's ``positions`` [rows, steps] and ``self_attention_mask`` [rows, past + steps]
+    when every row has the same length: what the step computes by itself in other exports."""
+    positions = np.broadcast_to(np.arange(past_length, past_length + steps, dtype=np.int64), (rows, steps))
+    return np.ascontiguousarray(positions), np.ones((rows, past_length + steps), dtype=np.int64)
+
+
 class Backend(Protocol):
     manifest: Manifest
 

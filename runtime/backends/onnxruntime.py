@@ -8,12 +8,27 @@ cross-attention K/V is bound once per request and shared by every row of the sam
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
-from cbart.runtime.backends.base import EncodedBatch
+from cbart.runtime.backends.base import EncodedBatch, uniform_positions
 from cbart.runtime.lm_head_screen import HIDDEN, RESIDUAL, SWITCH, LogitScreen
-from cbart.runtime.manifest import AUTOENCODER, CROSS, CROSS_KV, DECODER_STEP, ENCODER, PAST, PRESENT, Manifest
+from cbart.runtime.manifest import (
+    AUTOENCODER,
+    CROSS,
+    CROSS_KV,
+    DECODER_STEP,
+    ENCODER,
+    PAST,
+    PRESENT,
+    STEP_POSITIONS,
+    STEP_SELF_MASK,
+    Manifest,
+)
+
+if TYPE_CHECKING:
+    from cbart.runtime.backends.ort_inflight import InflightOrtSession
 
 DEVICE_PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -72,6 +87,7 @@ class OnnxRuntimeBackend:
         self.present_names = manifest.cache_names(PRESENT)
         self.has_switch = any(t.name == SWITCH for t in step.inputs)
         self.screen = LogitScreen(directory) if manifest.lm_head_screen and self.has_switch else None
+        self.per_row_positions = manifest.per_row_positions
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncodedBatch:
         return self.encode_states(self.encoder_states(input_ids, attention_mask), input_ids, attention_mask)
@@ -96,6 +112,12 @@ class OnnxRuntimeBackend:
         if self.screen is not None:
             return ScreenedOrtDecoderSession(self, encoded, rows, self.screen)
         return OrtDecoderSession(self, encoded, rows)
+
+    def inflight(self) -> InflightOrtSession:
+        """An empty decoder session that requests join and leave between steps (needs an ``--inflight`` export)."""
+        from cbart.runtime.backends.ort_inflight import InflightOrtSession
+
+        return InflightOrtSession(self)
 
 
 class OrtDecoderSession:
@@ -129,6 +151,10 @@ class OrtDecoderSession:
         backend, binding = self.backend, self.binding
         binding.clear_binding_outputs()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
+        if backend.per_row_positions:
+            positions, self_mask = self._row_inputs(tokens.shape[1])
+            binding.bind_cpu_input(STEP_POSITIONS, positions)
+            binding.bind_cpu_input(STEP_SELF_MASK, self_mask)
         if backend.has_switch:
             binding.bind_cpu_input(SWITCH, np.array(exact))
         for name, value in zip(backend.past_names, self.past, strict=True):
@@ -147,6 +173,10 @@ class OrtDecoderSession:
         if last_only:
             return [np.array(value.numpy()[:, -1, :], dtype=np.float32) for value in (outputs[0], *extra)]
         return [np.array(value.numpy(), dtype=np.float32) for value in (outputs[0], *extra)]
+
+    def _row_inputs(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """An ``--inflight`` export's per-row positions and self-attention mask: here all rows are alike."""
+        return uniform_positions(self.past[0].shape()[0], self.past[0].shape()[2], steps)
 
     def reorder(self, rows: np.ndarray) -> None:
         if np.array_equal(rows, np.arange(len(rows))):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cbart.runtime.backends.base import EncodedBatch
+from cbart.runtime.backends.base import EncodedBatch, uniform_positions
 from cbart.runtime.manifest import AUTOENCODER, CROSS_KV, DECODER_STEP, ENCODER, ExportDirectoryError, Manifest
 
 
@@ -70,7 +70,11 @@ class TorchDecoderSession:
     @torch.inference_mode()
     def step_all(self, tokens: np.ndarray) -> np.ndarray:
         ids = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self.backend.device)
-        logits, *presents = self.backend.graphs[DECODER_STEP](ids, self.mask, *self.past, *self.cross)
+        rows = []
+        if self.backend.manifest.per_row_positions:  # an --inflight export; here every row has the same length
+            positions, self_mask = uniform_positions(len(tokens), self.past[0].shape[2], tokens.shape[1])
+            rows = [torch.from_numpy(positions).to(ids.device), torch.from_numpy(self_mask).to(ids.device)]
+        logits, *presents = self.backend.graphs[DECODER_STEP](ids, self.mask, *rows, *self.past, *self.cross)
         self.past = presents
         return logits.float().cpu().numpy()
 

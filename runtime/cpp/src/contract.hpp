@@ -18,6 +18,8 @@ inline const std::string ENCODER = "encoder", AUTOENCODER = "autoencoder", CROSS
 inline const std::string STEP_INPUT_IDS = "input_ids", STEP_ENCODER_MASK = "encoder_attention_mask",
                          STEP_LOGITS = "logits";
 inline const std::string PAST = "past", PRESENT = "present", CROSS = "cross";
+// --inflight exports only: each row's positions and the cache entries it may attend to.
+inline const std::string STEP_POSITIONS = "positions", STEP_SELF_MASK = "self_attention_mask";
 
 // prefix_key_0, prefix_value_0, prefix_key_1, ...: the per-layer cache tensors of a decoder step.
 std::vector<std::string> cache_names(const std::string& prefix, int layers);

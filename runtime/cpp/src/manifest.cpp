@@ -1,5 +1,6 @@
 #include "manifest.hpp"
 
+#include <algorithm>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -64,6 +65,8 @@ Manifest read_manifest(const std::string& directory, bool check_files, bool draf
     check_contract(directory, manifest);
     const auto& logits_shape = data.at("graphs").at("decoder_step").at("outputs").at(0).at("shape");
     manifest.last_position_logits = logits_shape.at(1).is_number() && logits_shape.at(1).get<int>() == 1;
+    const auto& step_inputs = manifest.inputs.at(DECODER_STEP);
+    manifest.per_row_positions = std::find(step_inputs.begin(), step_inputs.end(), STEP_POSITIONS) != step_inputs.end();
     const auto& screen = data.value("lm_head_screen", nlohmann::json::object());
     if (!screen.empty()) {
       manifest.lm_head_rows = screen.at("rows").get<std::string>();

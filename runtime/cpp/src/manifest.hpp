@@ -30,6 +30,8 @@ struct Manifest {
   std::string draft_directory;
   // the decoder step returns logits at the last new position only (rows x 1 x vocab): a pair's draft
   bool last_position_logits = false;
+  // the decoder step takes per-row positions and a self-attention mask (an --inflight export, Manifest.per_row_positions)
+  bool per_row_positions = false;
 };
 
 // Reads and validates DIR/manifest.json; with check_files, every listed file's sha256 is verified.

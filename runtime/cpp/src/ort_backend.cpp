@@ -99,6 +99,18 @@ std::vector<float> OrtDecoderSession::run(const std::vector<int64_t>& tokens, in
   binding.BindInput(STEP_INPUT_IDS.c_str(), Ort::Value::CreateTensor<int64_t>(memory, ids_.data(), ids_.size(),
                                                                              ids_shape.data(), ids_shape.size()));
   binding.BindInput(STEP_ENCODER_MASK.c_str(), mask_);
+  if (m.per_row_positions) {  // an --inflight export: here every row has the same length (backends/base.py)
+    positions_.resize(static_cast<size_t>(rows_ * count));
+    for (int64_t row = 0; row < rows_; ++row) {
+      for (int64_t i = 0; i < count; ++i) positions_[row * count + i] = length_ + i;
+    }
+    self_mask_.assign(static_cast<size_t>(rows_ * (length_ + count)), 1);
+    const std::vector<int64_t> mask_shape{rows_, length_ + count};
+    binding.BindInput(STEP_POSITIONS.c_str(), Ort::Value::CreateTensor<int64_t>(memory, positions_.data(), positions_.size(),
+                                                                               ids_shape.data(), ids_shape.size()));
+    binding.BindInput(STEP_SELF_MASK.c_str(), Ort::Value::CreateTensor<int64_t>(memory, self_mask_.data(), self_mask_.size(),
+                                                                               mask_shape.data(), mask_shape.size()));
+  }
   for (int64_t i = 0; i < tensors_; ++i) {
     binding.BindInput(model_.past_names()[i].c_str(), cache_.view(memory, side_, i, length_));
     binding.BindOutput(model_.present_names()[i].c_str(), cache_.view(memory, 1 - side_, i, length_ + count));

@@ -108,7 +108,7 @@ class OrtDecoderSession final : public DecoderSession {
   KvBuffers cache_;
   int side_ = 0;        // which side of cache_ holds the past
   int64_t length_ = 0;  // tokens in the past
-  std::vector<int64_t> ids_;
+  std::vector<int64_t> ids_, positions_, self_mask_;  // the step's integer inputs (positions: --inflight exports)
   std::vector<float> logits_;
   bool exact_logits_ = true;             // the screened LM head's switch, when the export has one
   std::vector<float> hidden_, residual_;  // its bound's inputs, written by screened steps
