@@ -382,12 +382,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
             stats = output.speculation.to_dict()
             print(" ".join(f"{key}={value}" for key, value in stats.items()), file=sys.stderr)
         return 0
+    if args.output is not None:  # resumable, ids carried; --ray: an actor pool of runtimes (Ray Data)
+        from cbart.serving.offline import OfflineJob, generate_file
+
+        job = OfflineJob(
+            args.directory, Path(args.input), Path(args.output), args.field, settings, args.batch_size, args.threads
+        )
+        written = generate_file(job, ray_actors=args.ray_actors if args.ray else None)
+        print(f"wrote {written} generations to {args.output}")
+        return 0
+    if args.ray:
+        raise ValueError("--ray writes to a file: add --output OUT.jsonl")
     rows = [json.loads(line) for line in Path(args.input).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
         raise ValueError(f"{args.input} has no rows")
     if args.field not in rows[0]:
         raise KeyError(f"field {args.field!r} not in {args.input}; available fields: {sorted(rows[0])}")
-    destination = Path(args.output) if args.output else None
     lines: list[str] = []
     totals = {"encode_s": 0.0, "decode_s": 0.0, "total_s": 0.0}
     for start in range(0, len(rows), args.batch_size):
@@ -398,14 +408,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         results = output.texts or output.sequences
         for row, result in zip(batch, results, strict=True):
             lines.append(json.dumps({**row, "generated": result}, ensure_ascii=False))
-    if destination is None:
-        print("\n".join(lines))
-    else:
-        tmp = destination.with_name(f".{destination.name}.tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        tmp.replace(destination)
-        print(f"wrote {len(lines)} generations to {destination}")
+    print("\n".join(lines))
     _print_timing(args, totals)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cbart.serving.app import ServerConfig, serve
+
+    config = ServerConfig(
+        args.directory, args.batching, args.max_rows, args.max_queue, args.request_timeout, args.threads
+    )
+    if not (config.export_dir / "manifest.json").is_file():
+        raise FileNotFoundError(f"{config.export_dir} is not an export directory (no manifest.json); run cbart export")
+    if args.ray:
+        from cbart.serving.ray_deployment import RayServeOptions, serve_on_ray
+
+        serve_on_ray(
+            config, RayServeOptions(args.replicas, args.max_replicas, address=args.ray_address), args.host, args.port
+        )
+    else:
+        serve(config, args.host, args.port)
     return 0
 
 
@@ -603,7 +626,32 @@ def build_parser() -> argparse.ArgumentParser:
         "greedy search (with --do-sample: the same distribution as sampling). K fixes the proposals per "
         "verification (default: adaptive)",
     )
+    generate.add_argument(
+        "--ray", action="store_true", help="with --input/--output: generate on a Ray cluster (Ray Data actor pool)"
+    )
+    generate.add_argument("--ray-actors", type=int, default=2, help="runtimes in the Ray actor pool (with --ray)")
     generate.set_defaults(run=cmd_generate)
+
+    serve = commands.add_parser("serve", help="serve an export directory over HTTP (in-flight batching, metrics)")
+    serve.add_argument("directory", type=Path)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--batching",
+        choices=("auto", "inflight", "static", "none"),
+        default="auto",
+        help="inflight: requests join the running batch at the next step (needs `cbart export --inflight`); "
+        "static: waiting requests run as one batch; none: one at a time (auto: inflight when the export allows)",
+    )
+    serve.add_argument("--max-rows", type=int, default=16, help="decoder rows in flight (or per static batch)")
+    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests; more are answered 503 at once")
+    serve.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request gets 504")
+    serve.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (per replica with --ray)")
+    serve.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment")
+    serve.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (the minimum with --max-replicas)")
+    serve.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
+    serve.add_argument("--ray-address", default=None, help="a running Ray cluster (auto, ray://HOST:10001)")
+    serve.set_defaults(run=cmd_serve)
 
     # `cbart bench ...` is forwarded to benchmarks.latency (`cbart bench speculative ...` to
     # benchmarks.speculative) before parsing (see main); listed here for --help.
