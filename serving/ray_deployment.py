@@ -45,6 +45,7 @@ def deployment(config: ServerConfig, options: RayServeOptions) -> Any:
                 "target_ongoing_requests": options.target_ongoing_requests,
             }
         }
+
     def build_app() -> Any:  # a plain function: Ray Serve calls builders (not partials) on each replica
         return create_app(config)
 
