@@ -53,16 +53,23 @@ def checkpoint(spec: ModelSpec, cache: Path) -> Path:
     return path
 
 
-def onnx_export(spec: ModelSpec, cache: Path, precision: str = "fp32", with_torch: bool = False) -> Path:
+def onnx_export(
+    spec: ModelSpec, cache: Path, precision: str = "fp32", with_torch: bool = False, inflight: bool = False
+) -> Path:
     """Export (once) to ONNX; int8 is dynamic quantization of the fp32 graphs. ``with_torch`` adds the
-    TorchScript graphs of the runtime's PyTorch reference backend."""
+    TorchScript graphs of the runtime's PyTorch reference backend; ``inflight``, per-row positions
+    (``cbart serve``'s in-flight batching)."""
     from cbart.exporter.export import ExportOptions, export_onnx
 
-    path = cache / f"{spec.name}-onnx-{precision}{'-torch' if with_torch else ''}"
+    path = cache / f"{spec.name}-onnx-{precision}{'-torch' if with_torch else ''}{'-inflight' if inflight else ''}"
     if (path / "manifest.json").is_file():
         return path
     options = ExportOptions(
-        quantize="int8" if precision == "int8" else None, verify=False, progress=False, with_torch=with_torch
+        quantize="int8" if precision == "int8" else None,
+        verify=False,
+        progress=False,
+        with_torch=with_torch,
+        inflight=inflight,
     )
     export_onnx(checkpoint(spec, cache), path, options, log=lambda *_: None)
     return path
