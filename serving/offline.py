@@ -1,8 +1,8 @@
 """Offline generation over a JSON-lines file: resumable, in this process or on a Ray cluster (Ray Data).
 
-Every output row carries its input's ``id`` (the input's own ``id`` field, else its line number), so rows may
-finish in any order. Rows are appended and flushed as they finish; a rerun skips the ids already in the
-output (a line cut off by a crash is dropped first), so a stopped run resumes where it stopped.
+Every output row is its input row with ``generated`` and an ``id`` (the input's own ``id`` field, else its
+line number), so rows may finish in any order. Rows are appended and flushed as they finish; a rerun skips the
+ids already in the output (a line cut off by a crash is dropped first), so a stopped run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ class OfflineJob:
     parameters: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 8
     threads: int | None = None
+    originals: dict[Any, dict[str, Any]] = field(default_factory=dict, repr=False)
+    """The input rows by id, read by ``pending_rows``: output rows keep their fields."""
 
 
 class BatchGenerator:
@@ -57,6 +59,7 @@ def pending_rows(job: OfflineJob) -> tuple[list[dict[str, Any]], int]:
     for number, line in enumerate(job.input_path.read_text(encoding="utf-8").splitlines()):
         if line.strip():
             row = json.loads(line)
+            job.originals[row.get("id", number)] = row
             if job.text_field not in row:
                 raise KeyError(
                     f"field {job.text_field!r} not in line {number + 1} of {job.input_path}; fields: {sorted(row)}"
@@ -94,7 +97,9 @@ def generate_file(job: OfflineJob, ray_actors: int | None = None, progress: bool
     with job.output_path.open("a", encoding="utf-8") as output:
         for lines in _results(job, rows, ray_actors):
             for line in lines:
-                output.write(line + "\n")
+                result = json.loads(line)
+                merged = {**job.originals[result["id"]], **result}
+                output.write(json.dumps(merged, ensure_ascii=False) + "\n")
             output.flush()
             written += len(lines)
             bar.update(len(lines))

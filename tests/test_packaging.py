@@ -17,7 +17,7 @@ def _source_copy(target: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", ".cache", "build", "results", "*.egg-info")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, target / name)
-    for folder in ("cbart", "compression", "exporter", "runtime", "benchmarks"):
+    for folder in ("cbart", "compression", "exporter", "runtime", "benchmarks", "serving"):
         shutil.copytree(ROOT / folder, target / folder, ignore=ignore)
     return target
 
