@@ -54,6 +54,19 @@ def tiny_compressed(variant: str = "paper", seed: int = 0, **overrides) -> Compr
     return model.eval()
 
 
+def tiny_inflight_export(root: Path, seed: int, **options) -> tuple[CompressedBartForConditionalGeneration, Path]:
+    """A tiny compressed model saved under ``root`` and exported with ``--inflight`` (plus ``options``)."""
+    from cbart.compression import save_checkpoint
+    from cbart.exporter.export import ExportOptions, export_onnx
+
+    model = tiny_compressed("paper", seed=seed, positions=160)
+    save_checkpoint(model, root / "ckpt")
+    export_onnx(
+        root / "ckpt", root / "onnx", ExportOptions(inflight=True, progress=False, **options), log=lambda *_: None
+    )
+    return model, root / "onnx"
+
+
 @pytest.fixture
 def tiny_base_dir(tmp_path: Path) -> Path:
     torch.manual_seed(0)

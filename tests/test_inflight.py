@@ -13,7 +13,7 @@ from cbart.exporter.export import ExportOptions, export_onnx
 from cbart.exporter.options import ExportError, check_combination
 from cbart.runtime.generator import Seq2SeqRuntime
 from cbart.runtime.inflight import InflightBatch, InflightRequest
-from conftest import random_batch, tiny_compressed
+from conftest import random_batch, tiny_compressed, tiny_inflight_export
 
 
 def quiet(*_: object) -> None:
@@ -23,13 +23,10 @@ def quiet(*_: object) -> None:
 @pytest.fixture(scope="module", params=["screened", "plain"])
 def inflight_export(request, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     """A tiny compressed model exported with --inflight (verified at export against PyTorch)."""
-    model = tiny_compressed("paper", seed=5, positions=160)
-    root = tmp_path_factory.mktemp("inflight")
-    save_checkpoint(model, root / "ckpt")
     screen = "on" if request.param == "screened" else "off"
-    options = ExportOptions(inflight=True, lm_head_screen=screen, progress=False, with_torch=screen == "off")
-    export_onnx(root / "ckpt", root / "onnx", options, log=quiet)
-    return model, root / "onnx"
+    return tiny_inflight_export(
+        tmp_path_factory.mktemp("inflight"), 5, lm_head_screen=screen, with_torch=screen == "off"
+    )
 
 
 def sources(count: int, seed: int) -> list[list[int]]:

@@ -10,12 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cbart.compression import save_checkpoint
-from cbart.exporter.export import ExportOptions, export_onnx
 from cbart.runtime.generator import Seq2SeqRuntime
 from cbart.serving.app import ServerConfig
 from cbart.serving.offline import OfflineJob, generate_file
-from conftest import tiny_compressed
+from conftest import tiny_inflight_export
 
 ray = pytest.importorskip("ray", reason="Ray is the `ray` extra: pip install 'cbart[ray]'")
 
@@ -25,11 +23,7 @@ SETTINGS = {"max_new_tokens": 8}
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> Path:
-    model = tiny_compressed("paper", seed=31, positions=160)
-    root = tmp_path_factory.mktemp("ray")
-    save_checkpoint(model, root / "ckpt")
-    export_onnx(root / "ckpt", root / "onnx", ExportOptions(inflight=True, progress=False), log=lambda *_: None)
-    return root / "onnx"
+    return tiny_inflight_export(tmp_path_factory.mktemp("ray"), 31)[1]
 
 
 @pytest.fixture(scope="module")

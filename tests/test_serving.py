@@ -19,11 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from cbart.compression import save_checkpoint
-from cbart.exporter.export import ExportOptions, export_onnx
 from cbart.runtime.generator import Seq2SeqRuntime
 from cbart.serving.app import ServerConfig, create_app
-from conftest import tiny_compressed
+from conftest import tiny_inflight_export
 
 LONG = {"max_new_tokens": 60, "min_new_tokens": 60}
 
@@ -36,11 +34,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> Path:
-    model = tiny_compressed("paper", seed=21, positions=160)
-    root = tmp_path_factory.mktemp("serve")
-    save_checkpoint(model, root / "ckpt")
-    export_onnx(root / "ckpt", root / "onnx", ExportOptions(inflight=True, progress=False), log=lambda *_: None)
-    return root / "onnx"
+    return tiny_inflight_export(tmp_path_factory.mktemp("serve"), 21)[1]
 
 
 @contextmanager
