@@ -18,6 +18,7 @@ from cbart.benchmarks.models import decoder_step_bytes
 ROOT = Path(__file__).resolve().parents[1]
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
 QUALITY_START, QUALITY_END = "<!-- quality:start -->", "<!-- quality:end -->"
+SERVE_START, SERVE_END = "<!-- serve:start -->", "<!-- serve:end -->"
 LATENCY_FILES = (
     "latency-greedy.json",
     "latency-beam.json",
@@ -271,6 +272,44 @@ def speculative_section(data: dict) -> str:
     return "\n".join(parts)
 
 
+def serve_summary(results: Path) -> str:
+    """The README's serving summary: the load test's targets per workload (tables in RESULTS.md)."""
+    path = results / "serve-load.json"
+    if not path.is_file():
+        return "Not measured yet: run `python -m cbart.benchmarks.serve_load`.\n"
+    data = json.loads(path.read_text())
+    machine = data["machine"]
+    lines = [
+        f"`{data['command'].strip()}` ({data['date']}; {machine['cpu']}; server {data['server_threads']} "
+        f"thread(s), queue {data['max_queue']}; {data['model']}). Full tables: `benchmarks/RESULTS.md`.\n",
+        "| workload | in-flight throughput vs one at a time (target >= 1.5x) | p99 in-flight vs static at the highest "
+        "rate in-flight answers in full (target: lower) | at the highest rate: lost, answers other than 200/503 "
+        "(target: 0, 0) |",
+        "|---|---|---|---|",
+    ]
+    for kind, workload in data["workloads"].items():
+        t = workload["targets"]
+        lines.append(
+            f"| {kind} | {t['throughput_inflight_vs_one_at_a_time']:.2f}x | {t['p99_inflight_s']:.2f} s vs "
+            f"{t['p99_static_s']:.2f} s ({t['saturation_load']:g}x capacity) | {t['overload_lost']}, "
+            f"{t['overload_other_than_200_or_503']} ({t['overload_load']:g}x capacity) |"
+        )
+    if path.with_suffix(".png").is_file():
+        lines.append(f"\n![serving load test](benchmarks/results/{path.with_suffix('.png').name})")
+    return "\n".join(lines) + "\n"
+
+
+def serve_tables(data: dict) -> str:
+    machine = data["machine"]
+    parts = [
+        f"#### `{data['command'].strip()}` ({data['date']}, {data['minutes']} minutes; {machine['cpu']}, flags "
+        f"{', '.join(machine['flags']) or 'none'}; server {data['server_threads']} thread(s))\n"
+    ]
+    for kind, workload in data["workloads"].items():
+        parts.append(f"Workload `{kind}`. {workload['table']}\n")
+    return "\n".join(parts)
+
+
 def section(results: Path) -> str:
     parts = ["#### Targets (ratios measured in the same run)\n", targets(results), ""]
     for name in LATENCY_FILES:
@@ -297,6 +336,9 @@ def section(results: Path) -> str:
     quality = results / "quality.json"
     if quality.is_file():
         parts.append(quality_section(json.loads(quality.read_text())))
+    serving = results / "serve-load.json"
+    if serving.is_file():
+        parts.append(serve_tables(json.loads(serving.read_text())))
     speculative = results / "speculative.json"
     if speculative.is_file():
         parts.append(speculative_section(json.loads(speculative.read_text())))
@@ -383,7 +425,8 @@ def main() -> int:
     results = ROOT / "benchmarks" / "results"
     (ROOT / "benchmarks" / "RESULTS.md").write_text(results_page(results))
     text = replace_region(readme.read_text(), SPEED_START, SPEED_END, targets(results))
-    readme.write_text(replace_region(text, QUALITY_START, QUALITY_END, headline(results)))
+    text = replace_region(text, QUALITY_START, QUALITY_END, headline(results))
+    readme.write_text(replace_region(text, SERVE_START, SERVE_END, public(serve_summary(results))))
     print("benchmarks/RESULTS.md and the README's first-screen tables regenerated")
     return 0
 

@@ -170,7 +170,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         except Exception as error:
             counter.labels("error").inc()
             return _error(500, f"internal error: {type(error).__name__}: {error}")
-        if results and any(result is None for result in results):  # the client went away
+        if any(result is None for result in results):  # the client went away
             counter.labels("cancelled").inc()
             return _error(499, "client closed the request")
         counter.labels("ok").inc()

@@ -154,7 +154,12 @@ class Scheduler:
             rows += job.settings.num_return_sequences
         if joining:
             requests = [InflightRequest(job.input_ids, job.settings, on_token=job.tokens) for job in joining]
-            self.batch.join(requests)
+            try:
+                self.batch.join(requests)
+            except Exception as error:  # not in the batch yet: _fail_all would not see them
+                for job in joining:
+                    self._finish(job, error=error)
+                raise
             for request, job in zip(requests, joining, strict=True):
                 self._jobs[id(request)] = job
         if not self.batch.requests:

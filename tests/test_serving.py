@@ -159,13 +159,15 @@ def test_bad_requests_get_4xx_with_the_runtimes_message(export_dir):
         assert client.post("/v1/generate", json={"inputs": [0, 5, 2]}).status_code == 200  # still serving
 
 
-def test_internal_errors_are_500_and_the_server_keeps_serving(export_dir):
-    with running(ServerConfig(export_dir, batching="static")) as (client, state):
-        original = state.runtime.generate
-        state.runtime.generate = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+@pytest.mark.parametrize("batching", ["inflight", "static"])
+def test_internal_errors_are_500_and_the_server_keeps_serving(export_dir, batching):
+    with running(ServerConfig(export_dir, batching=batching)) as (client, state):
+        backend = state.runtime.backend
+        original = backend.encode
+        backend.encode = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
         response = client.post("/v1/generate", json={"inputs": [0, 5, 2]})
         assert response.status_code == 500 and "boom" in response.json()["error"]
-        state.runtime.generate = original
+        backend.encode = original
         assert client.post("/v1/generate", json={"inputs": [0, 5, 2]}).status_code == 200
 
 
