@@ -414,7 +414,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cbart.serving.app import ServerConfig, serve
+    from cbart.serving.app import serve
+    from cbart.serving.config import ServerConfig
 
     config = ServerConfig(
         args.directory, args.batching, args.max_rows, args.max_queue, args.request_timeout, args.threads
@@ -512,10 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_argument("--max-length", type=int, default=None)
     train.set_defaults(run=cmd_train)
 
-    # Choices and defaults come from the library (exporter/options.py, exporter/engine_profiles.py), which
-    # import neither torch nor ONNX.
+    # Choices and defaults come from the library (exporter/options.py, exporter/engine_profiles.py,
+    # serving/config.py), which import neither torch, ONNX nor the web stack.
     from cbart.exporter import options as export_options
     from cbart.exporter.engine_profiles import EngineLimits
+    from cbart.serving import config as serve_config
 
     export = commands.add_parser("export", help="export a checkpoint to verified ONNX graphs or TensorRT engines")
     export.add_argument("checkpoint", help="a compressed checkpoint (or a plain BART directory)")
@@ -638,14 +640,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument(
         "--batching",
-        choices=("auto", "inflight", "static", "none"),
-        default="auto",
+        choices=serve_config.BATCHING_CHOICES,
+        default=serve_config.ServerConfig.batching,
         help="inflight: requests join the running batch at the next step (needs `cbart export --inflight`); "
         "static: waiting requests run as one batch; none: one at a time (auto: inflight when the export allows)",
     )
-    serve.add_argument("--max-rows", type=int, default=16, help="decoder rows in flight (or per static batch)")
-    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests; more are answered 503 at once")
-    serve.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request gets 504")
+    defaults = serve_config.ServerConfig
+    serve.add_argument("--max-rows", type=int, default=defaults.max_rows, help="decoder rows in flight (or per batch)")
+    serve.add_argument("--max-queue", type=int, default=defaults.max_queue, help="waiting requests; more get 503")
+    serve.add_argument(
+        "--request-timeout", type=float, default=defaults.request_timeout_s, help="seconds before a request gets 504"
+    )
     serve.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (per replica with --ray)")
     serve.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment")
     serve.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (the minimum with --max-replicas)")

@@ -16,38 +16,20 @@ import time
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from cbart.runtime.generator import Seq2SeqRuntime
 from cbart.runtime.tokenizer import TextTokenizer
+from cbart.serving.config import ServerConfig
 from cbart.serving.metrics import ServingMetrics
-from cbart.serving.scheduler import Job, JobTimeout, Overloaded, Scheduler, SchedulerConfig
+from cbart.serving.scheduler import Job, JobTimeout, Overloaded, Scheduler
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-BATCHING_CHOICES = ("auto", "inflight", "static", "none")
 RETRY_AFTER_S = "1"
-
-
-@dataclass
-class ServerConfig:
-    export_dir: Path
-    batching: str = "auto"
-    """``auto``: in-flight batching when the export allows it (``cbart export --inflight``), else static."""
-    max_rows: int = 16
-    max_queue: int = 64
-    request_timeout_s: float = 60.0
-    threads: int | None = None
-    check_files: bool = True
-
-    def __post_init__(self) -> None:
-        if self.batching not in BATCHING_CHOICES:
-            raise ValueError(f"batching must be one of {', '.join(BATCHING_CHOICES)}, got {self.batching!r}")
 
 
 class GenerateRequest(BaseModel):
@@ -77,8 +59,7 @@ class ServerState:
             batching = self.config.batching
             if batching == "auto":
                 batching = "inflight" if runtime.manifest.per_row_positions else "static"
-            scheduler_config = SchedulerConfig(batching, self.config.max_rows, self.config.max_queue)
-            self.scheduler = Scheduler(runtime, scheduler_config, self.metrics)
+            self.scheduler = Scheduler(runtime, batching, self.config.max_rows, self.config.max_queue, self.metrics)
             self.scheduler.start()
             self.runtime, self.batching = runtime, batching
             self.ready.set()

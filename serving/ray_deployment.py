@@ -13,7 +13,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from cbart.serving.app import ServerConfig, create_app
+from cbart.serving.app import create_app
+from cbart.serving.config import ServerConfig
 
 
 @dataclass

@@ -27,9 +27,8 @@ import numpy as np
 from cbart.runtime.generator import Seq2SeqRuntime
 from cbart.runtime.inflight import InflightBatch, InflightRequest
 from cbart.runtime.search import GenerationSettings
+from cbart.serving.config import BATCHING
 from cbart.serving.metrics import ServingMetrics
-
-BATCHING = ("inflight", "static", "none")
 
 
 class Overloaded(RuntimeError):
@@ -70,28 +69,17 @@ class Job:
         return self.deadline is not None and time.perf_counter() > self.deadline
 
 
-@dataclass
-class SchedulerConfig:
-    batching: str = "inflight"
-    max_rows: int = 16
-    """Decoder rows in flight (inflight) or per batch (static)."""
-    max_queue: int = 64
-    """Jobs waiting to start; more are refused (503) at once."""
-
-    def __post_init__(self) -> None:
-        if self.batching not in BATCHING:
-            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
-        if self.max_rows < 1 or self.max_queue < 1:
-            raise ValueError("max_rows and max_queue must be at least 1")
-
-
 class Scheduler:
-    def __init__(self, runtime: Seq2SeqRuntime, config: SchedulerConfig, metrics: ServingMetrics) -> None:
+    def __init__(
+        self, runtime: Seq2SeqRuntime, batching: str, max_rows: int, max_queue: int, metrics: ServingMetrics
+    ) -> None:
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         self.runtime = runtime
-        self.config = config
+        self.batching, self.max_rows, self.max_queue = batching, max_rows, max_queue
         self.metrics = metrics
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=config.max_queue)
-        self.batch = InflightBatch(runtime) if config.batching == "inflight" else None
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.batch = InflightBatch(runtime) if batching == "inflight" else None
         self._jobs: dict[int, Job] = {}  # in-flight request id -> job
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cbart-scheduler", daemon=True)
@@ -110,7 +98,7 @@ class Scheduler:
         try:
             self.queue.put_nowait(job)
         except queue.Full:
-            raise Overloaded(f"{self.config.max_queue} requests are already waiting") from None
+            raise Overloaded(f"{self.max_queue} requests are already waiting") from None
         self.metrics.queue_depth.set(self.queue.qsize())
         return job
 
@@ -143,7 +131,7 @@ class Scheduler:
         assert self.batch is not None
         joining: list[Job] = []
         rows = self.batch.rows
-        while rows < self.config.max_rows:
+        while rows < self.max_rows:
             job = self._take(block=not self.batch.requests and not joining)
             if job is None:
                 break
@@ -182,7 +170,7 @@ class Scheduler:
         if first is None:
             return
         jobs = [first]
-        limit = 1 if self.config.batching == "none" else self.config.max_rows
+        limit = 1 if self.batching == "none" else self.max_rows
         while len(jobs) < limit:
             job = self._take(block=False)
             if job is None:

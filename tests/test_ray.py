@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cbart.runtime.generator import Seq2SeqRuntime
-from cbart.serving.app import ServerConfig
+from cbart.serving.config import ServerConfig
 from cbart.serving.offline import OfflineJob, generate_file
 from conftest import tiny_inflight_export
 

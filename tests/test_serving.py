@@ -20,7 +20,8 @@ import httpx
 import pytest
 import uvicorn
 from cbart.runtime.generator import Seq2SeqRuntime
-from cbart.serving.app import ServerConfig, create_app
+from cbart.serving.app import create_app
+from cbart.serving.config import ServerConfig
 from conftest import tiny_inflight_export
 
 LONG = {"max_new_tokens": 60, "min_new_tokens": 60}
