@@ -135,6 +135,8 @@ class Seq2SeqRuntime:
         return self._checked(sequences, truncation), texts
 
     def _checked(self, sequences: list[list[int]], truncation: bool) -> list[list[int]]:
+        """Refuse empty and out-of-vocabulary inputs; truncate over-long ones (warning the caller of
+        ``generate``/``encode``, three frames up) or refuse them with ``truncation=False``."""
         limit = self.max_source_length
         if any(len(ids) == 0 for ids in sequences):
             raise ValueError("empty input: one of the inputs has no tokens")
@@ -149,7 +151,7 @@ class Seq2SeqRuntime:
                     f"input of {max(too_long)} tokens exceeds the model's maximum of {limit}; "
                     "shorten it or call with truncation=True"
                 )
-            warnings.warn(f"truncating {len(too_long)} input(s) to the model's maximum of {limit} tokens", stacklevel=3)
+            warnings.warn(f"truncating {len(too_long)} input(s) to the model's maximum of {limit} tokens", stacklevel=4)
             eos = self.manifest.tokens.eos
             sequences = [ids if len(ids) <= limit else [*ids[: limit - 1], eos] for ids in sequences]
         return sequences
