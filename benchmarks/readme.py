@@ -319,7 +319,7 @@ def section(results: Path) -> str:
         data = json.loads(path.read_text())
         parts.append(
             f"#### `{data['command']}` ({data['date']}, {data['machine']}, {data['threads']} threads, "
-            f"matrix-vector bandwidth {data['bandwidth_gb_s']:.1f} GB/s)\n{data['table']}\n"
+            f"streaming bandwidth {data['bandwidth_gb_s']:.1f} GB/s, best probe)\n{data['table']}\n"
         )
         plot = path.with_suffix(".png")
         if plot.is_file():

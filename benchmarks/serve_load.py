@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cbart.benchmarks.machine import machine
 from cbart.benchmarks.models import ModelSpec, onnx_export
 from cbart.benchmarks.plotting import pyplot
-from cbart.benchmarks.quality.run import machine
 
 MODES = ("none", "static", "inflight")
 WORKLOADS = ("fixed", "mixed")

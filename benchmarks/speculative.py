@@ -165,7 +165,7 @@ def random_pair(cache: Path, rounds: int, threads: int, varied: bool) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cbart.benchmarks.quality.run import machine
+    from cbart.benchmarks.machine import machine
 
     parser = argparse.ArgumentParser(prog="cbart bench speculative", description=__doc__.split("\n\n")[0])
     parser.add_argument(

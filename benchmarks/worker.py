@@ -28,14 +28,20 @@ def source_ids(batch: int, length: int, seed: int = 0) -> np.ndarray:
     return ids
 
 
-def transformers_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Generate:
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def transformers_system(
+    path: Path, ids: np.ndarray, beams: int, threads: int, device: str = "cpu", dtype: str = "fp32"
+) -> Generate:
     import cbart.compression  # noqa: F401 -- registers the compressed architecture with AutoModel
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
     torch.set_num_threads(threads)
-    model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
-    inputs = torch.from_numpy(ids)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    model = AutoModelForSeq2SeqLM.from_pretrained(path).to(device=device, dtype=torch_dtype).eval()
+    inputs = torch.from_numpy(ids).to(device)
     mask = torch.ones_like(inputs)
 
     def generate(new_tokens: int) -> None:
@@ -48,6 +54,8 @@ def transformers_system(path: Path, ids: np.ndarray, beams: int, threads: int) -
                 min_new_tokens=new_tokens,
                 max_new_tokens=new_tokens,
             )
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()  # the timer must see the GPU's work, not its launch
 
     return generate
 
@@ -138,7 +146,7 @@ def cpp_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Generat
     return generate
 
 
-SYSTEMS: dict[str, Callable[[Path, np.ndarray, int, int], Generate]] = {
+SYSTEMS: dict[str, Callable[..., Generate]] = {  # (path, ids, beams, threads, **device and dtype options)
     "transformers": transformers_system,
     "cbart": cbart_system,
     "cbart-torch": partial(cbart_system, backend="torch"),
@@ -175,9 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default=None, help="transformers and cbart-torch: cpu (default) or cuda")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="transformers: the model's dtype")
     args = parser.parse_args(argv)
     ids = source_ids(args.batch, args.source)
-    generate = SYSTEMS[args.system](args.path, ids, args.beams, args.threads)
+    options = {key: value for key, value in (("device", args.device), ("dtype", args.dtype)) if value is not None}
+    generate = SYSTEMS[args.system](args.path, ids, args.beams, args.threads, **options)
     generate(2)  # warm-up
     first, full = [], []
     for _ in range(args.repeats):

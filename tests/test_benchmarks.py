@@ -6,7 +6,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from cbart.benchmarks import cnn_dailymail, latency
 from cbart.benchmarks.models import ModelSpec
 from cbart.benchmarks.quality import data as quality_data
@@ -194,6 +196,27 @@ def test_the_floor_of_a_screened_greedy_step_counts_the_bytes_it_reads() -> None
     assert exact.floor_ms - screened.floor_ms == pytest.approx((head_fp32 - head_screened) / 1e7)
 
 
+def test_a_result_faster_than_the_floor_is_reported_as_a_bug() -> None:
+    cell = latency.Cell(1, 512, 1, 64)
+    engine = latency.Engine("cbart", ModelSpec(384), "fp32")
+    slow = latency.summarise(engine, cell, [{"t1": [0.1], "tn": [5.0], "peak_rss_mib": 1.0}], bandwidth=10.0)
+    fast = latency.summarise(engine, cell, [{"t1": [0.1], "tn": [0.1063], "peak_rss_mib": 1.0}], bandwidth=10.0)
+    assert slow.percent_of_floor < 100 < fast.percent_of_floor
+    assert latency.floor_violations([slow]) == []
+    (line,) = latency.floor_violations([slow, fast])
+    assert line.startswith("BUG: cbart ONNX Runtime fp32 / compressed-384 on batch 1, src 512, greedy, 64 new reached")
+
+
+def test_the_compiled_read_probe_reads_every_element(tmp_path: Path) -> None:
+    from cbart.benchmarks.bandwidth import compiled_read_kernel
+
+    read = compiled_read_kernel(tmp_path)
+    if read is None:
+        pytest.skip("no C compiler with OpenMP here: the probe is left out of the floor, as on this machine")
+    values = np.arange(1, 100_001, dtype=np.float32) % 7
+    assert read(values, 2) == pytest.approx(float(values.sum(dtype=np.float64)), rel=1e-4)
+
+
 def test_graph_choices_table_lists_the_measured_rows_only() -> None:
     from cbart.benchmarks.graph_choices import table
 
@@ -203,3 +226,26 @@ def test_graph_choices_table_lists_the_measured_rows_only() -> None:
     assert text.splitlines()[2:] == [
         "| full greedy decode, LM head (batch 1, src 512, ms/token) | exact fp32: 24.6 | screened: 17.0 |"
     ]
+
+
+def test_gpu_check_refuses_to_run_without_a_gpu_and_summarises_rows(tmp_path: Path, capsys) -> None:
+    from cbart.benchmarks import gpu_check
+
+    if not torch.cuda.is_available():
+        assert gpu_check.main([str(tmp_path)]) == 2
+        assert "no CUDA GPU is visible; run with --dry-run" in capsys.readouterr().err
+        assert not (tmp_path / "gpu-check.json").exists()
+    rows = [
+        {"kind": "generation", "system": "transformers", "model": "full", "dtype": "bf16", "decode_ms_per_token": 9.0,
+         "total_s": 1.0},
+        {"kind": "generation", "system": "transformers", "model": "compressed-384", "dtype": "bf16",
+         "decode_ms_per_token": 4.5, "total_s": 0.8},
+        {"kind": "generation", "system": "cbart-torch", "model": "full", "dtype": "fp32", "error": "boom"},
+        {"kind": "training", "model": "full", "dtype": "fp32", "cuda_max_allocated_mib": 8000.0},
+        {"kind": "training", "model": "compressed-384", "dtype": "fp32", "cuda_max_allocated_mib": 3000.0},
+    ]  # fmt: skip
+    assert gpu_check.summary(rows) == {
+        "transformers bf16: decode speed-up": 2.0,
+        "transformers bf16: end-to-end speed-up": 1.25,
+        "training step memory, compressed / full (cuda_max_allocated_mib)": 0.375,
+    }

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from cbart.benchmarks.machine import machine
 from cbart.benchmarks.quality import classification, evaluation, report, sequence_kd, stats, translation
 from cbart.benchmarks.quality.data import ROOT, SHARED, TranslationData, load_ag_news, load_multi30k, save_vocabulary
 from cbart.benchmarks.quality.finetune_cost import measure_in_subprocess
@@ -163,22 +162,6 @@ def run_classification(
             "delta": stats.paired_bootstrap(compressed, base, stats.accuracy_from_statistics).as_dict(),
         },
     ]
-
-
-def machine() -> dict[str, Any]:
-    """CPU model and the flags that decide int8/bf16 speed (results from different machines do not mix)."""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        lscpu = ""
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return {
-        "cpu": fields.get("Model name", platform.processor()).strip(),
-        "flags": [flag for flag in wanted if flag in flags],
-        "bf16_training": bool(flags & {"avx512_bf16", "amx_bf16"}),
-    }
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
