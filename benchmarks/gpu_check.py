@@ -6,8 +6,8 @@
 It measures, full bart-base against compressed-384 (random weights of the real shapes, built here: no
 download):
 - generation latency: transformers in fp32 and bf16, and cbart's PyTorch backend (the exported TorchScript
-  graphs) in fp32. Batch 1, a 512-token source, exactly 64 new tokens, greedy. Encoder + first token is timed
-  apart from the decode per token, as ``cbart bench`` does;
+  graphs, traced on CUDA) in fp32. Batch 1 (``--batches`` adds more), a 512-token source, exactly 64 new tokens,
+  greedy. Encoder + first token is timed apart from the decode per token, as ``cbart bench`` does;
 - fine-tuning peak memory of one training step (``torch.cuda.max_memory_allocated``). The full model trains
   every parameter; the compressed one trains its decoder with the encoder frozen (the paper's stage 2).
 
@@ -64,18 +64,23 @@ def _run(command: list[str]) -> dict[str, Any]:
     return {**json.loads(completed.stdout.strip().splitlines()[-1]), "seconds": seconds}
 
 
-def generation_step(system: str, model: str, dtype: str, device: str, sizes: Sizes, cache: Path) -> dict[str, Any]:
+def generation_step(
+    system: str, model: str, dtype: str, batch: int, device: str, sizes: Sizes, cache: Path
+) -> dict[str, Any]:
     spec = MODELS[model]
-    path = onnx_export(spec, cache, with_torch=True) if system == "cbart-torch" else checkpoint(spec, cache)
+    if system == "cbart-torch":  # TorchScript records the device it was traced on: trace where it runs
+        path = onnx_export(spec, cache, with_torch=True, torch_device=device)
+    else:
+        path = checkpoint(spec, cache)
     threads = str(os.cpu_count() or 1)
     command = [
         sys.executable, "-m", "cbart.benchmarks.worker", "--system", system, "--path", str(path),
-        "--batch", str(sizes.batch), "--source", str(sizes.source), "--new-tokens", str(sizes.new_tokens),
+        "--batch", str(batch), "--source", str(sizes.source), "--new-tokens", str(sizes.new_tokens),
         "--repeats", str(sizes.repeats), "--threads", threads, "--device", device,
     ]  # fmt: skip
     if system == "transformers":  # cbart's PyTorch backend runs the exported fp32 graphs
         command += ["--dtype", dtype]
-    row: dict[str, Any] = {"kind": "generation", "system": system, "model": model, "dtype": dtype}
+    row: dict[str, Any] = {"kind": "generation", "system": system, "model": model, "dtype": dtype, "batch": batch}
     measured = _run(command)
     if "error" in measured:
         return {**row, **measured}
@@ -100,17 +105,22 @@ def training_step(model: str, device: str, sizes: Sizes) -> dict[str, Any]:
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Compressed-384 against full, per measurement: the figures the README may cite from a GPU run."""
-    by = {(r["kind"], r.get("system"), r["dtype"], r["model"]): r for r in rows if "error" not in r}
+    by = {(r["kind"], r.get("system"), r["dtype"], r.get("batch"), r["model"]): r for r in rows if "error" not in r}
     ratios: dict[str, float] = {}
-    for system, dtype in GENERATION:
-        full, small = (
-            by.get(("generation", system, dtype, "full")),
-            by.get(("generation", system, dtype, "compressed-384")),
-        )
-        if full and small:
-            ratios[f"{system} {dtype}: decode speed-up"] = full["decode_ms_per_token"] / small["decode_ms_per_token"]
-            ratios[f"{system} {dtype}: end-to-end speed-up"] = full["total_s"] / small["total_s"]
-    full, small = by.get(("training", None, "fp32", "full")), by.get(("training", None, "fp32", "compressed-384"))
+    for batch in sorted({r["batch"] for r in rows if r["kind"] == "generation"}):
+        for system, dtype in GENERATION:
+            full, small = (
+                by.get(("generation", system, dtype, batch, "full")),
+                by.get(("generation", system, dtype, batch, "compressed-384")),
+            )
+            if full and small:
+                name = f"{system} {dtype}, batch {batch}"
+                ratios[f"{name}: decode speed-up"] = full["decode_ms_per_token"] / small["decode_ms_per_token"]
+                ratios[f"{name}: end-to-end speed-up"] = full["total_s"] / small["total_s"]
+    full, small = (
+        by.get(("training", None, "fp32", None, "full")),
+        by.get(("training", None, "fp32", None, "compressed-384")),
+    )
     key = "cuda_max_allocated_mib" if full and "cuda_max_allocated_mib" in full else "peak_rss_mib"
     if full and small:
         ratios[f"training step memory, compressed / full ({key})"] = small[key] / full[key]
@@ -122,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help="folder for gpu-check.json (created)")
     parser.add_argument("--dry-run", action="store_true", help="every step on CPU at small sizes")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=None, help="generation batch sizes (default: the sizes' batch)"
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -143,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     started = time.perf_counter()
     steps = [
-        (generation_step, (system, model, dtype, device, sizes, args.cache))
+        (generation_step, (system, model, dtype, batch, device, sizes, args.cache))
+        for batch in args.batches or [sizes.batch]
         for system, dtype in GENERATION
         for model in MODELS
     ]

@@ -54,14 +54,20 @@ def checkpoint(spec: ModelSpec, cache: Path) -> Path:
 
 
 def onnx_export(
-    spec: ModelSpec, cache: Path, precision: str = "fp32", with_torch: bool = False, inflight: bool = False
+    spec: ModelSpec,
+    cache: Path,
+    precision: str = "fp32",
+    with_torch: bool = False,
+    inflight: bool = False,
+    torch_device: str = "cpu",
 ) -> Path:
     """Export (once) to ONNX; int8 is dynamic quantization of the fp32 graphs. ``with_torch`` adds the
-    TorchScript graphs of the runtime's PyTorch reference backend; ``inflight``, per-row positions
-    (``cbart serve``'s in-flight batching)."""
+    TorchScript graphs of the runtime's PyTorch reference backend, traced on ``torch_device``; ``inflight``,
+    per-row positions (``cbart serve``'s in-flight batching)."""
     from cbart.exporter.export import ExportOptions, export_onnx
 
-    path = cache / f"{spec.name}-onnx-{precision}{'-torch' if with_torch else ''}{'-inflight' if inflight else ''}"
+    torch_suffix = ("-torch" + ("" if torch_device == "cpu" else f"-{torch_device}")) if with_torch else ""
+    path = cache / f"{spec.name}-onnx-{precision}{torch_suffix}{'-inflight' if inflight else ''}"
     if (path / "manifest.json").is_file():
         return path
     options = ExportOptions(
@@ -69,6 +75,7 @@ def onnx_export(
         verify=False,
         progress=False,
         with_torch=with_torch,
+        torch_device=torch_device,
         inflight=inflight,
     )
     export_onnx(checkpoint(spec, cache), path, options, log=lambda *_: None)

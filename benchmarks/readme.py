@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
 QUALITY_START, QUALITY_END = "<!-- quality:start -->", "<!-- quality:end -->"
 SERVE_START, SERVE_END = "<!-- serve:start -->", "<!-- serve:end -->"
+GPU_START, GPU_END = "<!-- gpu:start -->", "<!-- gpu:end -->"
 LATENCY_FILES = (
     "latency-greedy.json",
     "latency-beam.json",
@@ -310,6 +311,48 @@ def serve_tables(data: dict) -> str:
     return "\n".join(parts)
 
 
+def gpu_summary(results: Path) -> str:
+    """The GPU check's figures (``benchmarks/gpu_check.py``), full bart-base against compressed-384: the only
+    GPU figures the README cites."""
+    path = results / "gpu-check-h200.json"
+    if not path.is_file():
+        return "No GPU figure is measured yet: run `bash benchmarks/gpu_check.sh RESULTS_DIR` on a CUDA machine.\n"
+    data = json.loads(path.read_text())
+    sizes = data["sizes"]
+    lines = [
+        f"`{data['command']}` ({data['date']}; {data['device']}, torch {data['torch']}; random weights of the real "
+        f"shapes, a {sizes['source']}-token source, exactly {sizes['new_tokens']} new tokens, greedy; medians of "
+        f"{sizes['repeats']} calls, each system in a fresh process).\n",
+        "| system | batch | decode ms/token, full → compressed-384 | decode speed-up | encoder + first token, ms "
+        "| GPU memory allocated at peak, MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    generation = [row for row in data["rows"] if row["kind"] == "generation" and "error" not in row]
+    by = {(row["system"], row["dtype"], row["batch"], row["model"]): row for row in generation}
+    for system, dtype, batch in dict.fromkeys((r["system"], r["dtype"], r["batch"]) for r in generation):
+        full, small = by.get((system, dtype, batch, "full")), by.get((system, dtype, batch, "compressed-384"))
+        if full is None or small is None:
+            continue
+        lines.append(
+            f"| {system} {dtype} | {batch} | {full['decode_ms_per_token']:.2f} → {small['decode_ms_per_token']:.2f} "
+            f"| {full['decode_ms_per_token'] / small['decode_ms_per_token']:.2f}x | "
+            f"{1000 * full['encoder_and_first_token_s']:.1f} → {1000 * small['encoder_and_first_token_s']:.1f} | "
+            f"{full['gpu_peak_mib']:.0f} → {small['gpu_peak_mib']:.0f} |"
+        )
+    training = {row["model"]: row for row in data["rows"] if row["kind"] == "training" and "error" not in row}
+    if {"full", "compressed-384"} <= training.keys():
+        full, small = training["full"]["cuda_max_allocated_mib"], training["compressed-384"]["cuda_max_allocated_mib"]
+        lines.append(
+            f"\nOne fine-tuning step (AdamW, fp32, batch {sizes['train_batch']}, source {sizes['train_source']}, "
+            f"target {sizes['train_target']}): {full:.0f} MiB of GPU memory at peak for the full model, "
+            f"{small:.0f} MiB for compressed-384 with its encoder frozen ({small / full:.2f}x)."
+        )
+    failed = [row for row in data["rows"] if "error" in row]
+    if failed:
+        lines.append(f"\n{len(failed)} step(s) failed in that run: " + "; ".join(r["error"] for r in failed) + ".")
+    return "\n".join(lines) + "\n"
+
+
 def section(results: Path) -> str:
     parts = ["#### Targets (ratios measured in the same run)\n", targets(results), ""]
     for name in LATENCY_FILES:
@@ -341,6 +384,8 @@ def section(results: Path) -> str:
     serving = results / "serve-load.json"
     if serving.is_file():
         parts.append(serve_tables(json.loads(serving.read_text())))
+    if (results / "gpu-check-h200.json").is_file():
+        parts.append(f"#### The GPU check (one H200)\n{gpu_summary(results)}")
     speculative = results / "speculative.json"
     if speculative.is_file():
         parts.append(speculative_section(json.loads(speculative.read_text())))
@@ -428,7 +473,8 @@ def main() -> int:
     (ROOT / "benchmarks" / "RESULTS.md").write_text(results_page(results))
     text = replace_region(readme.read_text(), SPEED_START, SPEED_END, targets(results))
     text = replace_region(text, QUALITY_START, QUALITY_END, headline(results))
-    readme.write_text(replace_region(text, SERVE_START, SERVE_END, public(serve_summary(results))))
+    text = replace_region(text, SERVE_START, SERVE_END, public(serve_summary(results)))
+    readme.write_text(replace_region(text, GPU_START, GPU_END, public(gpu_summary(results))))
     print("benchmarks/RESULTS.md and the README's first-screen tables regenerated")
     return 0
 

@@ -273,6 +273,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         timing_cache=args.timing_cache,
         progress=not args.no_progress,
         with_torch=args.with_torch,
+        torch_device=args.torch_device,
         inflight=args.inflight,
     )
     draft = args.draft is not None
@@ -564,6 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--no-verify", action="store_true", help="skip the parity checks against PyTorch")
     export.add_argument("--with-torch", action="store_true", help="also write TorchScript graphs (backend='torch')")
+    export.add_argument(
+        "--torch-device",
+        choices=export_options.TORCH_DEVICE_CHOICES,
+        default="cpu",
+        help="where the TorchScript graphs are traced, and so where they run (default: cpu)",
+    )
     export.add_argument(
         "--inflight",
         action="store_true",

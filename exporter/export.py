@@ -237,7 +237,7 @@ def write_onnx(
     ):
         graphs[definition.name] = export_graph(definition, tmp, options.opset)
         if options.with_torch:
-            torch_graphs[definition.name] = export_torchscript(definition, tmp)
+            torch_graphs[definition.name] = export_torchscript(definition, tmp, options.torch_device)
         fusions = apply_variant_passes(
             model, dims, definition.name, graphs[definition.name], tmp, options, screen_lm_head
         )
@@ -301,6 +301,7 @@ def onnx_manifest(
         backend="onnx",
         tokenizer_dir="tokenizer" if has_tokenizer else None,
         torch_graphs=torch_graphs,
+        torch_device=options.torch_device if torch_graphs else None,
         versions=versions(),
         lm_head_screen=LmHeadScreenSpec(ROWS_FILE, BOUNDS_FILE, BITS, BLOCK_SIZE) if screen_lm_head else None,
     )

@@ -192,14 +192,24 @@ def export_graph(definition: GraphDefinition, directory: Path, opset: int) -> Gr
     return describe(definition, path.name)
 
 
-def export_torchscript(definition: GraphDefinition, directory: Path) -> str:
-    """Trace the same module to TorchScript for the runtime's PyTorch reference backend."""
+def export_torchscript(definition: GraphDefinition, directory: Path, device: str = "cpu") -> str:
+    """Trace the same module to TorchScript for the runtime's PyTorch reference backend.
+
+    Tracing records the device of every tensor the graph creates (positions, causal masks), so the graphs
+    are traced on the device type they will run on; the module is moved back to the CPU afterwards, where
+    the ONNX graphs are exported.
+    """
     target = directory / "torch" / f"{definition.name}.pt"
     target.parent.mkdir(exist_ok=True)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(definition.module.eval(), definition.example, check_trace=False)
-    torch.jit.save(traced, str(target))
+    module = definition.module.eval().to(device)
+    example = tuple(tensor.to(device) for tensor in definition.example)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(module, example, check_trace=False)
+        torch.jit.save(traced, str(target))
+    finally:
+        module.to("cpu")
     return target.relative_to(directory).as_posix()
 
 

@@ -17,6 +17,7 @@ TARGETS = ("onnx", "trt")
 DTYPE_CHOICES = ("fp32", "fp16")
 """ONNX precision (bf16 exists for TensorRT engines only: ``--to trt --bf16``)."""
 QUANTIZE_CHOICES = ("int8",)
+TORCH_DEVICE_CHOICES = ("cpu", "cuda")
 ATTENTION_CHOICES = ("auto", "fused", "plain")
 """Encoder and decoder-step self-attention in the ONNX graphs: ``fused`` = ONNX Runtime's MultiHeadAttention
 contrib op (fewer, faster kernels on ONNX Runtime; unknown to TensorRT's parser), ``plain`` = standard ops,
@@ -45,6 +46,9 @@ class ExportOptions:
     timing_cache: str | None = None
     progress: bool = True
     with_torch: bool = False
+    torch_device: str = "cpu"
+    """The device type the TorchScript graphs are traced on, and so the one they run on (tracing records the
+    device of the tensors a graph creates)."""
     inflight: bool = False
     """The decoder step also takes per-row positions and a self-attention mask, so that ``cbart serve`` can add
     requests to a running batch (in-flight batching); other generation is unchanged, token for token."""
@@ -68,6 +72,10 @@ class ExportOptions:
                 "--lm-head-screen on proves the argmax of fp32 logits; it applies to fp32 exports only "
                 "(drop --dtype fp16 / --quantize, or use --lm-head-screen auto)"
             )
+        if self.torch_device not in TORCH_DEVICE_CHOICES:
+            raise ValueError(f"--torch-device must be cpu or cuda, got {self.torch_device!r}")
+        if self.torch_device != "cpu" and not self.with_torch:
+            raise ValueError("--torch-device chooses where the TorchScript graphs are traced; add --with-torch")
         if self.quantize not in (None, *QUANTIZE_CHOICES):
             raise ValueError(f"--quantize supports int8 only, got {self.quantize!r}")
         if self.quantize and self.dtype != "fp32":

@@ -171,6 +171,7 @@ class Manifest:
     backend: str = "onnx"
     tokenizer_dir: str | None = "tokenizer"
     torch_graphs: dict[str, str] = field(default_factory=dict)
+    torch_device: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     engine: EngineSpec | None = None
     verification: VerificationSummary | None = None
@@ -211,6 +212,7 @@ class Manifest:
             backend=data.get("backend", "onnx"),
             tokenizer_dir=data.get("tokenizer_dir"),
             torch_graphs=data.get("torch_graphs", {}),
+            torch_device=data.get("torch_device", "cpu" if data.get("torch_graphs") else None),
             versions=data.get("versions", {}),
             engine=EngineSpec(**data["engine"]) if data.get("engine") else None,
             verification=VerificationSummary(**data["verification"]) if data.get("verification") else None,

@@ -236,16 +236,45 @@ def test_gpu_check_refuses_to_run_without_a_gpu_and_summarises_rows(tmp_path: Pa
         assert "no CUDA GPU is visible; run with --dry-run" in capsys.readouterr().err
         assert not (tmp_path / "gpu-check.json").exists()
     rows = [
-        {"kind": "generation", "system": "transformers", "model": "full", "dtype": "bf16", "decode_ms_per_token": 9.0,
-         "total_s": 1.0},
-        {"kind": "generation", "system": "transformers", "model": "compressed-384", "dtype": "bf16",
+        {"kind": "generation", "system": "transformers", "model": "full", "dtype": "bf16", "batch": 8,
+         "decode_ms_per_token": 9.0, "total_s": 1.0},
+        {"kind": "generation", "system": "transformers", "model": "compressed-384", "dtype": "bf16", "batch": 8,
          "decode_ms_per_token": 4.5, "total_s": 0.8},
-        {"kind": "generation", "system": "cbart-torch", "model": "full", "dtype": "fp32", "error": "boom"},
+        {"kind": "generation", "system": "transformers", "model": "compressed-384", "dtype": "bf16", "batch": 1,
+         "decode_ms_per_token": 4.0, "total_s": 0.5},
+        {"kind": "generation", "system": "cbart-torch", "model": "full", "dtype": "fp32", "batch": 8, "error": "boom"},
         {"kind": "training", "model": "full", "dtype": "fp32", "cuda_max_allocated_mib": 8000.0},
         {"kind": "training", "model": "compressed-384", "dtype": "fp32", "cuda_max_allocated_mib": 3000.0},
     ]  # fmt: skip
     assert gpu_check.summary(rows) == {
-        "transformers bf16: decode speed-up": 2.0,
-        "transformers bf16: end-to-end speed-up": 1.25,
+        "transformers bf16, batch 8: decode speed-up": 2.0,
+        "transformers bf16, batch 8: end-to-end speed-up": 1.25,
         "training step memory, compressed / full (cuda_max_allocated_mib)": 0.375,
     }
+
+
+def test_gpu_summary_pairs_full_with_compressed_per_batch_and_reports_failures(tmp_path: Path) -> None:
+    from cbart.benchmarks.readme import gpu_summary
+
+    assert "No GPU figure is measured yet" in gpu_summary(tmp_path)
+    sizes = {"batch": 1, "source": 512, "new_tokens": 64, "repeats": 3, "train_batch": 8, "train_source": 512,
+             "train_target": 128}  # fmt: skip
+    generation = {"kind": "generation", "system": "transformers", "dtype": "fp32", "batch": 64}
+    rows = [
+        {**generation, "model": "full", "decode_ms_per_token": 6.0, "encoder_and_first_token_s": 0.02,
+         "gpu_peak_mib": 2000.0},
+        {**generation, "model": "compressed-384", "decode_ms_per_token": 4.0, "encoder_and_first_token_s": 0.015,
+         "gpu_peak_mib": 1500.0},
+        {**generation, "system": "cbart-torch", "model": "full", "error": "timed out after 300 s"},
+        {"kind": "training", "model": "full", "dtype": "fp32", "cuda_max_allocated_mib": 4000.0},
+        {"kind": "training", "model": "compressed-384", "dtype": "fp32", "cuda_max_allocated_mib": 1000.0},
+    ]  # fmt: skip
+    report = {"command": "bash benchmarks/gpu_check.sh out", "date": "2026-11-30", "device": "NVIDIA H200",
+              "torch": "2.11.0", "sizes": sizes, "rows": rows}  # fmt: skip
+    (tmp_path / "gpu-check-h200.json").write_text(json.dumps(report))
+    text = gpu_summary(tmp_path)
+    assert "| transformers fp32 | 64 | 6.00 → 4.00 | 1.50x | 20.0 → 15.0 | 2000 → 1500 |" in text
+    assert "cbart-torch" not in text.split("\n\n")[1]  # its compressed row is missing: no pair, no table row
+    assert "4000 MiB of GPU memory at peak for the full model, 1000 MiB for compressed-384" in text
+    assert "(0.25x)" in text
+    assert "1 step(s) failed in that run: timed out after 300 s." in text

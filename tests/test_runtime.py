@@ -166,6 +166,13 @@ def test_directory_errors(exported, tmp_path):
     (bare / "manifest.json").write_text(json.dumps(manifest_without_torch))
     with pytest.raises(ExportDirectoryError, match="export with `cbart export --with-torch`"):
         Seq2SeqRuntime.from_dir(bare, backend="torch", check_files=False)
+    assert json.loads((directory / "manifest.json").read_text())["torch_device"] == "cpu"
+    with pytest.raises(ExportDirectoryError, match="traced for cpu .* `cbart export --with-torch --torch-device cuda`"):
+        Seq2SeqRuntime.from_dir(directory, backend="torch", device="cuda")
+    with pytest.raises(ValueError, match="--torch-device must be cpu or cuda, got 'mps'"):
+        ExportOptions(with_torch=True, torch_device="mps")
+    with pytest.raises(ValueError, match="--torch-device chooses where .* are traced; add --with-torch"):
+        ExportOptions(torch_device="cuda")
     with pytest.raises(ValueError, match="unknown backend 'tvm'"):
         Seq2SeqRuntime.from_dir(directory, backend="tvm")
     with pytest.raises(ValueError, match="cuda_graphs applies to the tensorrt backend only, not 'onnxruntime'"):

@@ -21,6 +21,12 @@ class TorchBackend:
                 f"{directory} has no TorchScript graphs for the PyTorch backend; "
                 "export with `cbart export --with-torch`"
             )
+        if torch.device(device).type != manifest.torch_device:
+            raise ExportDirectoryError(
+                f"{directory}'s TorchScript graphs were traced for {manifest.torch_device} and cannot run on "
+                f"{device} (tracing records the device of the tensors a graph creates); re-export with "
+                f"`cbart export --with-torch --torch-device {torch.device(device).type}`"
+            )
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was requested but no CUDA GPU is visible; use device='cpu'")
         if threads:
