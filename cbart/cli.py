@@ -605,7 +605,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--field", default="source", help="input field holding the text")
     generate.add_argument("--batch-size", type=int, default=8)
     generate.add_argument("--backend", choices=("onnxruntime", "tensorrt", "torch"), default="onnxruntime")
-    generate.add_argument("--device", default="cpu", help="cpu, cuda or tensorrt (ONNX Runtime providers)")
+    generate.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or tensorrt (ONNX Runtime providers); cuda or cuda:N for --backend tensorrt "
+        "(default: cuda for --backend tensorrt, else cpu)",
+    )
     generate.add_argument("--threads", type=int, default=None)
     generate.add_argument(
         "--cuda-graphs", action="store_true", help="TensorRT: replay each decoder step as a CUDA graph"

@@ -20,7 +20,7 @@ from cbart.exporter.lm_head_screen import BITS, BLOCK_SIZE, add_screened_lm_head
 from cbart.exporter.onnx_export import export_graph, export_torchscript, graph_definitions
 from cbart.exporter.options import ExportError, ExportOptions, check_combination
 from cbart.exporter.variants import convert_to_fp16, optimize_graph, quantize_int8
-from cbart.exporter.verify import VerificationReport, verify_directory
+from cbart.exporter.verify import VerificationReport, verify_directory, verify_engines
 from cbart.runtime.lm_head_screen import BOUNDS_FILE, HIDDEN, RESIDUAL, ROWS_FILE, SWITCH
 from cbart.runtime.manifest import (
     DECODER_STEP,
@@ -312,6 +312,12 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
     (directory / MANIFEST).write_text(manifest.to_json())
 
 
+def listed(failures: list[str], shown: int = 12) -> str:
+    """The first ``shown`` failures, one per line, and how many more there are."""
+    more = f"\n  ... and {len(failures) - shown} more" if len(failures) > shown else ""
+    return "\n  ".join(failures[:shown]) + more
+
+
 def verify_export(
     model: BartForConditionalGeneration,
     directory: Path,
@@ -322,7 +328,20 @@ def verify_export(
     log("verifying against PyTorch ...")
     report = verify_directory(model, directory, options.threads)
     if not report.passed:
-        raise ExportError("export verification failed, nothing was written:\n  " + "\n  ".join(report.failures()))
+        raise ExportError("export verification failed, nothing was written:\n  " + listed(report.failures()))
+    manifest.verification = report.summary()
+    write_manifest(directory, manifest)
+    return report
+
+
+def verify_engine_export(
+    model: BartForConditionalGeneration, directory: Path, manifest: Manifest, log: Callable[..., None]
+) -> VerificationReport:
+    """The engines against PyTorch, as the ONNX graphs were; the manifest then records the engines' numbers."""
+    log("verifying the TensorRT engines against PyTorch ...")
+    report = verify_engines(model, directory)
+    if not report.passed:
+        raise ExportError("TensorRT engine verification failed, nothing was written:\n  " + listed(report.failures()))
     manifest.verification = report.summary()
     write_manifest(directory, manifest)
     return report
@@ -417,13 +436,16 @@ def export_tensorrt(
             engine = tmp / f"{name}.plan"
             build_engine(staging / spec.file, engine, spec, limits, timing_cache)
             spec.file = engine.name
-        if (staging / "tokenizer").is_dir():
-            shutil.move(staging / "tokenizer", tmp / "tokenizer")
+        for kept in ("tokenizer", "torch"):  # the TorchScript graphs (--with-torch) are the runtime's reference
+            if (staging / kept).is_dir():
+                shutil.move(staging / kept, tmp / kept)
         shutil.rmtree(staging)
         manifest.backend = "tensorrt"
         manifest.precision = "fp16" if limits.fp16 else "bf16" if limits.bf16 else "fp32"
         manifest.engine = engine_metadata(limits)
         write_manifest(tmp, manifest)
+        if options.verify:
+            report = verify_engine_export(model, tmp, manifest, log)
         result.update(manifest=manifest, report=report)
 
     atomic_directory(out, write)

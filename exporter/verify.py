@@ -3,14 +3,16 @@
 Every graph output is compared with its PyTorch module on several batch sizes, source lengths,
 past lengths and rows-per-source; then a short greedy generation runs end to end through the
 export directory and must yield exactly ``model.generate()``'s token ids (fp32) -- or, for
-quantized exports, the token agreement is measured and reported.
+quantized exports, the token agreement is measured and reported. TensorRT engines go through the same
+comparisons (``verify_engines``), on the cases that lie inside their optimization profiles.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -32,6 +34,7 @@ from cbart.runtime.manifest import (
     VerificationSummary,
     read_manifest,
 )
+from cbart.runtime.trt_support import check_request
 from transformers import BartForConditionalGeneration
 
 SOURCE_BATCHES = ((6,), (11, 4, 8))
@@ -55,6 +58,43 @@ class Tolerance:
         if precision in ("fp16", "bf16"):
             return cls(atol=5e-2, rtol=2e-2, exact_tokens=False)
         return cls(atol=1e-4, rtol=1e-4, exact_tokens=True)
+
+    @classmethod
+    def for_engines(cls, precision: str) -> Tolerance:
+        """TensorRT engines: as ONNX, but fp32 within 1e-3 (GPU kernels sum in other orders than PyTorch's
+        CPU kernels; TF32 is off) -- greedy ids must still be identical."""
+        if precision == "fp32":
+            return cls(atol=1e-3, rtol=1e-3, exact_tokens=True)
+        return cls.for_precision(precision)
+
+
+class GraphSession(Protocol):
+    """What verification runs a graph through: ONNX Runtime's ``InferenceSession.run``, or a TensorRT engine
+    behind the same call (``runtime.backends.tensorrt.EngineSession``)."""
+
+    def run(self, output_names: Any, input_feed: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+Fits = Callable[..., bool]
+"""Whether a case (sources, source_length, rows, max_length) lies inside the export's limits."""
+
+
+def within(limits: dict[str, Any] | None) -> Fits:
+    """A ``Fits`` for TensorRT engine limits (``None``: ONNX graphs, every case fits)."""
+
+    def fits(**case: int) -> bool:
+        if limits is None:
+            return True
+        try:
+            check_request(limits, **case)
+        except ValueError:
+            return False
+        return True
+
+    return fits
+
+
+EVERY_CASE = within(None)
 
 
 @dataclass
@@ -176,14 +216,22 @@ class _Comparer:
 
 
 def compare_graphs(
-    model: BartForConditionalGeneration, directory: Path, tolerance: Tolerance, threads: int | None = None
+    model: BartForConditionalGeneration,
+    directory: Path,
+    tolerance: Tolerance,
+    threads: int | None = None,
+    sessions: Mapping[str, GraphSession] | None = None,
+    fits: Fits = EVERY_CASE,
 ) -> VerificationReport:
+    """Every graph output against its PyTorch module, through ``sessions`` (default: ONNX Runtime on the
+    directory's graphs), on the cases that ``fits``."""
     manifest = read_manifest(directory, check_files=False)
-    options = session_options(threads)
-    sessions = {
-        name: ort.InferenceSession(str(directory / spec.file), options, providers=["CPUExecutionProvider"])
-        for name, spec in manifest.graphs.items()
-    }
+    if sessions is None:
+        options = session_options(threads)
+        sessions = {
+            name: ort.InferenceSession(str(directory / spec.file), options, providers=["CPUExecutionProvider"])
+            for name, spec in manifest.graphs.items()
+        }
     report = VerificationReport()
     compare = _Comparer(report, tolerance)
     fused = AUTOENCODER not in sessions
@@ -196,6 +244,8 @@ def compare_graphs(
     dims = manifest.model
     with torch.no_grad():
         for ids, mask in source_batches(dims.vocab_size):
+            if not fits(sources=ids.shape[0], source_length=ids.shape[1]):
+                continue
             case = f"batch {ids.shape[0]}, source length {ids.shape[1]}"
             states = encoder(torch.from_numpy(ids), torch.from_numpy(mask))
             if ENCODER in sessions:  # a speculative pair's draft has none: it reads the full model's encoder
@@ -211,9 +261,10 @@ def compare_graphs(
             for spec, actual, expected in zip(manifest.graphs[CROSS_KV].outputs, actual_cross, cross, strict=True):
                 compare(CROSS_KV, spec.name, case, actual, expected)
             for rows_per_source in (1, 2):
-                _compare_steps(
-                    sessions[DECODER_STEP], step_graph, cross, mask, rows_per_source, manifest, compare, case
-                )
+                if fits(rows=ids.shape[0] * rows_per_source):
+                    _compare_steps(
+                        sessions[DECODER_STEP], step_graph, cross, mask, rows_per_source, manifest, compare, case, fits
+                    )
     report.passed = all(c.passed for c in report.comparisons)
     return report
 
@@ -223,7 +274,7 @@ def _float(tensor: torch.Tensor, manifest: Any) -> np.ndarray:
     return tensor.numpy().astype(np.float32)
 
 
-def _compare_steps(session, step_graph, cross, mask, rows_per_source, manifest, compare, case) -> None:
+def _compare_steps(session, step_graph, cross, mask, rows_per_source, manifest, compare, case, fits) -> None:
     dims = manifest.model
     rows = cross[0].shape[0] * rows_per_source
     rng = np.random.default_rng(rows)
@@ -233,6 +284,8 @@ def _compare_steps(session, step_graph, cross, mask, rows_per_source, manifest, 
     cache_inputs = [*manifest.cache_names(PAST), *manifest.cache_names(CROSS)]
     compared = [tensor.name for tensor in spec.outputs if tensor.name not in (HIDDEN, RESIDUAL)]  # screen inputs
     for past_length, steps in ((0, 1), (1, 3), (4, 1)):
+        if not fits(max_length=past_length + steps):
+            break  # the cases grow: later ones do not fit either
         tokens = rng.integers(4, dims.vocab_size, (rows, steps)).astype(np.int64)
         if past_length == 0:
             tokens[:, 0] = 2
@@ -263,25 +316,31 @@ def compare_generation(
     report: VerificationReport,
     threads: int | None = None,
     speculative: bool = False,
+    runtime: Seq2SeqRuntime | None = None,
+    fits: Fits = EVERY_CASE,
 ) -> None:
-    """Greedy through the export directory vs ``model.generate()``: identical ids and token agreement.
+    """Greedy through the export directory (or ``runtime``) vs ``model.generate()``: identical ids and token
+    agreement, on the inputs that ``fits``.
 
     ``speculative``: through a pair export's draft-and-verify loop; records the draft's acceptance rate.
     """
-    runtime = Seq2SeqRuntime.from_dir(directory, threads=threads, check_files=False)
+    runtime = runtime or Seq2SeqRuntime.from_dir(directory, threads=threads, check_files=False)
+    new_tokens = next(n for n in range(GREEDY_NEW_TOKENS, -1, -1) if n == 0 or fits(max_length=n + 1))
     agree = total = proposed = accepted = 0
     for ids, mask in source_batches(runtime.manifest.model.vocab_size, seed=1):
+        if new_tokens == 0 or not fits(sources=ids.shape[0], source_length=ids.shape[1]):
+            continue
         with torch.no_grad():
             expected = model.generate(
                 input_ids=torch.from_numpy(ids),
                 attention_mask=torch.from_numpy(mask),
                 num_beams=1,
                 do_sample=False,
-                max_new_tokens=GREEDY_NEW_TOKENS,
+                max_new_tokens=new_tokens,
             ).tolist()
         sequences = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask, strict=True)]
         output = runtime.generate(
-            sequences, num_beams=1, do_sample=False, max_new_tokens=GREEDY_NEW_TOKENS, speculative=speculative
+            sequences, num_beams=1, do_sample=False, max_new_tokens=new_tokens, speculative=speculative
         )
         if output.speculation is not None:
             proposed += output.speculation.proposed
@@ -297,3 +356,18 @@ def compare_generation(
     report.token_agreement = agree / max(total, 1)
     if speculative:
         report.draft_acceptance = accepted / max(proposed, 1)
+
+
+def verify_engines(model: BartForConditionalGeneration, directory: Path) -> VerificationReport:
+    """A TensorRT export directory, as ``verify_directory`` checks ONNX ones: every engine's outputs against
+    PyTorch, then greedy generation through the engines against ``model.generate()`` (identical ids for fp32
+    engines), on the cases inside the engines' profiles."""
+    runtime = Seq2SeqRuntime.from_dir(directory, backend="tensorrt", check_files=False)
+    manifest = runtime.manifest
+    assert manifest.engine is not None, "verify_engines reads TensorRT export directories"
+    tolerance = Tolerance.for_engines(manifest.precision)
+    fits = within(manifest.engine.limits)
+    report = compare_graphs(model, directory, tolerance, sessions=runtime.backend.sessions(), fits=fits)
+    compare_generation(model, directory, report, runtime=runtime, fits=fits)
+    report.passed = report.passed and (report.greedy_identical == report.greedy_cases or not tolerance.exact_tokens)
+    return report

@@ -86,12 +86,14 @@ class Seq2SeqRuntime:
         cls,
         directory: str | Path,
         backend: str = "onnxruntime",
-        device: str = "cpu",
+        device: str | None = None,
         threads: int | None = None,
         check_files: bool = True,
         cuda_graphs: bool = False,
     ) -> Seq2SeqRuntime:
         """Load an export directory; ``check_files`` verifies every file's sha256 first.
+
+        ``device`` defaults to ``"cuda"`` for the tensorrt backend and ``"cpu"`` for the others.
 
         ``cuda_graphs`` (TensorRT only) captures each decoder step position once per request shape
         and replays it for later requests of that shape, removing per-kernel launch overhead; its
@@ -100,6 +102,7 @@ class Seq2SeqRuntime:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         directory = Path(directory)
+        device = device or ("cuda" if backend == "tensorrt" else "cpu")
         manifest = read_manifest(directory, check_files=check_files)
         tokenizer_dir = directory / manifest.tokenizer_dir if manifest.tokenizer_dir else None
         tokenizer = TextTokenizer(tokenizer_dir) if tokenizer_dir and tokenizer_dir.is_dir() else None

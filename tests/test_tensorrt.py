@@ -72,6 +72,15 @@ def test_engines_generate_pytorchs_token_ids(exports):
 
 
 @requires_trt
+def test_the_export_verified_its_engines_against_pytorch(exports):
+    _, root = exports
+    verification = json.loads((root / "trt" / "manifest.json").read_text())["verification"]
+    cases, identical = verification["greedy_identical"].split("/")[::-1]
+    assert verification["passed"] and int(cases) > 0 and identical == cases
+    assert set(verification["outputs"]) >= {"encoder.hidden_states", "decoder_step.logits"}
+
+
+@requires_trt
 def test_requests_beyond_the_engine_limits_get_the_flag_that_raises_them(exports):
     _, root = exports
     runtime = Seq2SeqRuntime.from_dir(root / "trt", backend="tensorrt", device="cuda")
