@@ -22,6 +22,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cbart.benchmarks.bandwidth import BandwidthProbes
 from cbart.benchmarks.machine import machine
@@ -62,6 +63,8 @@ class Engine:
             "cbart-trt": "cbart TensorRT",
             "optimum": "Optimum ORTModelForSeq2SeqLM",
             "ctranslate2": "CTranslate2",
+            "openvino": "OpenVINO (optimum-intel)",
+            "ort-beamsearch": "ONNX Runtime BeamSearch op",
         }
         return f"{names.get(self.system, self.system)} {self.precision} / {self.model.name}"
 
@@ -84,16 +87,40 @@ class Result:
     floor_ms: float | None = None
     percent_of_floor: float | None = None
     rounds: list[dict[str, list[float]]] = field(default_factory=list)
+    ids_agreement: float | None = None
+    """Share of new-token ids equal to transformers' on the same model and cell (None: transformers not run)."""
 
 
-PEERS = ("optimum", "ctranslate2")
+PEERS = ("optimum", "ctranslate2", "openvino", "ort-beamsearch")
+PEER_PRECISIONS = {"openvino": ("fp32", "int8", "default"), "ort-beamsearch": ("fp32",)}
+"""Peers with precisions of their own (the others take fp32 and int8 where they have it)."""
+SHORTEST_CALL = {"ort-beamsearch": 2}
+"""New tokens in a system's shortest generation, where it cannot stop after one: its "encoder + first token"
+column then holds that many tokens, and its decode ms/token counts the tokens after them."""
+
+
+def peer_pythons(values: list[str]) -> dict[str, str]:
+    """``--peer-python`` values, ``PATH`` (every peer) or ``PEER=PATH`` (one peer), as peer -> interpreter; peers
+    keep their own environments because their pins clash (optimum-intel and optimum-onnx want other optimums)."""
+    pythons = {"*": sys.executable}
+    for value in values:
+        peer, separator, path = value.rpartition("=")
+        if separator and peer not in PEERS:
+            raise SystemExit(f"--peer-python {value}: {peer!r} is not a peer; peers are {', '.join(PEERS)}")
+        pythons[peer if separator else "*"] = path
+    return pythons
+
+
+def interpreter(engine: Engine, pythons: dict[str, str]) -> str:
+    """The Python that runs ``engine``: its peer environment, or this one for cbart's own systems."""
+    return pythons.get(engine.system, pythons["*"]) if engine.system in PEERS else sys.executable
 
 
 class SystemUnavailable(RuntimeError):
     """This machine cannot run the system at all (e.g. TensorRT without a GPU): every cell is skipped."""
 
 
-def prepare(engine: Engine, cache: Path, peer_python: str, cells: list[Cell]) -> Path:
+def prepare(engine: Engine, cache: Path, pythons: dict[str, str], cells: list[Cell]) -> Path:
     if engine.system == "cbart-trt":
         from cbart.runtime.trt_support import TensorRTUnavailable
 
@@ -110,8 +137,19 @@ def prepare(engine: Engine, cache: Path, peer_python: str, cells: list[Cell]) ->
     if engine.model.latent is not None:
         raise ValueError(f"{engine.system} runs the full model only (it cannot load the compressed architecture)")
     source = checkpoint(engine.model, cache)
-    bin_dir = Path(peer_python).parent
-    if engine.system == "optimum":
+    bin_dir = Path(interpreter(engine, pythons)).parent
+    if engine.system == "openvino":  # :fp32 and :default share fp32 weights; :int8 compresses them (NNCF)
+        weights = "int8" if engine.precision == "int8" else "fp32"
+        target = cache / f"full-openvino-{weights}"
+        command = [
+            str(bin_dir / "optimum-cli"), "export", "openvino", "--model", str(source),
+            "--task", "text2text-generation-with-past", "--weight-format", weights, str(target),
+        ]  # fmt: skip
+    elif engine.system == "ort-beamsearch":
+        target = cache / "full-ort-beamsearch"
+        command = [interpreter(engine, pythons), "-m", "cbart.benchmarks.ort_beamsearch", "--model", str(source)]
+        command += ["--output", str(target)]
+    elif engine.system == "optimum":
         target = cache / "full-optimum"
         command = [
             str(bin_dir / "optimum-cli"),
@@ -162,11 +200,9 @@ def ctranslate2_source(full: Path, cache: Path) -> Path:
     return target
 
 
-def run_worker(
-    engine: Engine, path: Path, cell: Cell, threads: int, repeats: int, peer_python: str
-) -> dict[str, list[float]]:
+def run_worker(engine: Engine, path: Path, cell: Cell, threads: int, repeats: int, python: str) -> dict[str, Any]:
     command = [
-        peer_python if engine.system in PEERS else sys.executable,
+        python,
         "-m",
         "cbart.benchmarks.worker",
         "--system",
@@ -200,10 +236,11 @@ def run_worker(
 
 
 def summarise(engine: Engine, cell: Cell, rounds: list[dict], bandwidth: float) -> Result:
+    rounds = [{key: value for key, value in r.items() if key != "ids"} for r in rounds]
     full = [t for r in rounds for t in r["tn"]]
     first = [t for r in rounds for t in r["t1"]]
     median, encoder = statistics.median(full), statistics.median(first)
-    per_token = (median - encoder) / max(cell.new_tokens - 1, 1)
+    per_token = (median - encoder) / max(cell.new_tokens - SHORTEST_CALL.get(engine.system, 1), 1)
     result = Result(
         engine=engine.label,
         system=engine.system,
@@ -231,6 +268,24 @@ def summarise(engine: Engine, cell: Cell, rounds: list[dict], bandwidth: float) 
     return result
 
 
+def ids_agreement(ids: list[list[int]], reference: list[list[int]]) -> float:
+    """Share of positions (over every row) where ``ids`` equal ``reference``; a missing position disagrees."""
+    agree = total = 0
+    for row, expected in zip(ids, reference, strict=True):
+        width = max(len(row), len(expected))
+        agree += sum(a == b for a, b in zip(row, expected, strict=False))
+        total += width
+    return agree / max(total, 1)
+
+
+def compare_ids(cell_results: dict[Engine, Result], rounds: dict[Engine, list[dict]]) -> None:
+    """Each result's new-token ids (last round) against transformers' on the same model, where it ran."""
+    for engine, result in cell_results.items():
+        reference = Engine("transformers", engine.model, "fp32")
+        if reference in cell_results and rounds[engine] and "ids" in rounds[engine][-1]:
+            result.ids_agreement = ids_agreement(rounds[engine][-1]["ids"], rounds[reference][-1]["ids"])
+
+
 def floor_violations(results: list[Result]) -> list[str]:
     """Results faster than the floor: impossible, so each is reported as a bug to find, not a footnote."""
     return [
@@ -249,8 +304,8 @@ def markdown(results: list[Result], baseline_system: str = "transformers") -> st
         lines += [
             f"\n**{cell_label}**\n",
             "| engine | median s (min-max) | encoder+1st s | decode ms/token | tokens/s | peak RSS MiB "
-            "| floor ms/token (% achieved) | speedup vs transformers full |",
-            "|---|---|---|---|---|---|---|---|",
+            "| floor ms/token (% achieved) | speedup vs transformers full | ids = transformers |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             floor = f"{r.floor_ms:.1f} ({r.percent_of_floor:.0f}%)" if r.floor_ms and r.percent_of_floor else "-"
@@ -258,10 +313,16 @@ def markdown(results: list[Result], baseline_system: str = "transformers") -> st
             per_token = f"{r.per_token_ms:.1f}" if r.per_token_ms > 0 else "noise > decode"
             speedup = f"{baseline.median_s / r.median_s:.2f}x" if baseline else "-"
             memory = f"{r.peak_rss_mib:.0f}" + (f" (GPU {r.gpu_peak_mib:.0f})" if r.gpu_peak_mib is not None else "")
+            same = "-" if r.ids_agreement is None else f"{100 * r.ids_agreement:.0f}%"
             lines.append(
                 f"| {r.engine} | {r.median_s:.3f} ({r.min_s:.3f}-{r.max_s:.3f}) | {r.encoder_s:.3f} | "
-                f"{per_token} | {r.tokens_per_s:.1f} | {memory} | {floor} | {speedup} |"
+                f"{per_token} | {r.tokens_per_s:.1f} | {memory} | {floor} | {speedup} | {same} |"
             )
+    shortest = {r.engine.split(" / ")[0]: SHORTEST_CALL[r.system] for r in results if r.system in SHORTEST_CALL}
+    lines += [
+        f"\n{name}: its encoder+1st column is {tokens} new tokens (its shortest call)"
+        for name, tokens in shortest.items()
+    ]
     return "\n".join(lines)
 
 
@@ -317,11 +378,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--replot", type=Path, default=None, help="redraw the table and plots of a results JSON and exit"
     )
-    parser.add_argument("--peers", default="", help="peer systems on the full model, e.g. optimum,ctranslate2:int8")
+    parser.add_argument(
+        "--peers",
+        default="",
+        help="peer systems on the full model: optimum, ctranslate2[:int8], openvino[:fp32|:int8|:default]",
+    )
     parser.add_argument(
         "--peer-python",
-        default=sys.executable,
-        help="interpreter of a venv with optimum-onnx / ctranslate2 (their pins may clash with ours)",
+        action="append",
+        default=[],
+        metavar="[PEER=]PYTHON",
+        help="interpreter of a peer's environment (repeatable; PATH alone: every peer). Their pins clash with "
+        "ours and each other's: see benchmarks/peers.md",
     )
     args = parser.parse_args(argv)
     if args.replot is not None:
@@ -340,8 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     for system in args.systems.split(","):
         name, _, precision = system.partition(":")
         engines += [Engine(name, model, precision or "fp32") for model in models]
+    pythons = peer_pythons(args.peer_python)
     for peer in filter(None, args.peers.split(",")):
         name, _, precision = peer.partition(":")
+        if name not in PEERS:
+            raise SystemExit(f"--peers {peer}: unknown peer {name!r}; peers are {', '.join(PEERS)}")
+        if precision and name in PEER_PRECISIONS and precision not in PEER_PRECISIONS[name]:
+            raise SystemExit(f"--peers {peer}: {name} runs {', '.join(PEER_PRECISIONS[name])}")
         engines.append(Engine(name, ModelSpec(None), precision or "fp32"))
     cells = [
         Cell(b, s, k, args.new_tokens)
@@ -355,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     unavailable: dict[Engine, str] = {}
     for engine in engines:
         try:
-            paths[engine] = prepare(engine, args.cache, args.peer_python, cells)
+            paths[engine] = prepare(engine, args.cache, pythons, cells)
         except SystemUnavailable as error:
             unavailable[engine] = str(error)
             print(f"  {engine.label}: skipped on every cell ({error})", flush=True)
@@ -373,9 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(f"  round {round_index + 1}/{args.rounds} {cell.label}: {engine.label}", flush=True)
                 try:
-                    rounds[engine].append(
-                        run_worker(engine, paths[engine], cell, args.threads, args.repeats, args.peer_python)
-                    )
+                    python = interpreter(engine, pythons)
+                    rounds[engine].append(run_worker(engine, paths[engine], cell, args.threads, args.repeats, python))
                 except RuntimeError as error:
                     failed[engine] = str(error).splitlines()[-1]
         measured.append((cell, rounds, failed))
@@ -386,7 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     skipped: list[str] = []
     for cell, rounds, failed in measured:
-        results += [summarise(engine, cell, rounds[engine], bandwidth) for engine in engines if engine not in failed]
+        cell_results = {
+            engine: summarise(engine, cell, rounds[engine], bandwidth) for engine in engines if engine not in failed
+        }
+        compare_ids(cell_results, rounds)
+        results += cell_results.values()
         skipped += [f"{engine.label} on {cell.label}: skipped ({reason})" for engine, reason in failed.items()]
     skipped += floor_violations(results)
     table = markdown(results) + "".join(f"\n\n{line}" for line in skipped)

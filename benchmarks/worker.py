@@ -1,7 +1,8 @@
 """One system, one cell, in a fresh process: warm up once, then time T(1) and T(N) generations.
 
-Run by ``benchmarks.latency``; prints one JSON object. Every system generates exactly N new tokens
-(min = max new tokens), so none stops early.
+Run by ``benchmarks.latency``; prints one JSON object, with the new token ids of the last N-token call (the
+harness compares them with transformers'). Every system generates exactly N new tokens (min = max new
+tokens), so none stops early.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-Generate = Callable[[int], None]
+Generate = Callable[[int], list[list[int]]]
+"""Generates exactly that many new tokens for every source; returns each source's best sequence (any prefix)."""
 
 
 def source_ids(batch: int, length: int, seed: int = 0) -> np.ndarray:
@@ -41,12 +44,18 @@ def transformers_system(
     torch.set_num_threads(threads)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     model = AutoModelForSeq2SeqLM.from_pretrained(path).to(device=device, dtype=torch_dtype).eval()
-    inputs = torch.from_numpy(ids).to(device)
+    return generate_with(model, torch.from_numpy(ids).to(device), beams)
+
+
+def generate_with(model: Any, inputs: Any, beams: int) -> Generate:
+    """Generation through a transformers-style ``generate()``: transformers', Optimum's and optimum-intel's models."""
+    import torch
+
     mask = torch.ones_like(inputs)
 
-    def generate(new_tokens: int) -> None:
+    def generate(new_tokens: int) -> list[list[int]]:
         with torch.inference_mode():
-            model.generate(
+            output = model.generate(
                 input_ids=inputs,
                 attention_mask=mask,
                 num_beams=beams,
@@ -54,8 +63,7 @@ def transformers_system(
                 min_new_tokens=new_tokens,
                 max_new_tokens=new_tokens,
             )
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()  # the timer must see the GPU's work, not its launch
+        return output.tolist()  # .tolist() waits for a GPU: the timer sees its work, not its launch
 
     return generate
 
@@ -71,8 +79,10 @@ def cbart_system(
     runtime = Seq2SeqRuntime.from_dir(path, backend=backend, device=device, threads=threads, check_files=False)
     sequences = ids.tolist()
 
-    def generate(new_tokens: int) -> None:
-        runtime.generate(sequences, num_beams=beams, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+    def generate(new_tokens: int) -> list[list[int]]:
+        return runtime.generate(
+            sequences, num_beams=beams, min_new_tokens=new_tokens, max_new_tokens=new_tokens
+        ).sequences
 
     return generate
 
@@ -86,16 +96,44 @@ def optimum_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Gen
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     model = ORTModelForSeq2SeqLM.from_pretrained(path, session_options=options, use_cache=True)
-    inputs = torch.from_numpy(ids)
+    return generate_with(model, torch.from_numpy(ids), beams)
 
-    def generate(new_tokens: int) -> None:
-        model.generate(
-            input_ids=inputs,
-            attention_mask=torch.ones_like(inputs),
-            num_beams=beams,
-            min_new_tokens=new_tokens,
-            max_new_tokens=new_tokens,
-        )
+
+OPENVINO_F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+"""On CPUs with AVX512-BF16, OpenVINO computes in bf16 with an f16 KV cache unless told otherwise: its ``fp32``
+and ``int8`` (weight-only) rows compute in f32; ``default`` leaves OpenVINO its own choice."""
+
+
+def openvino_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Generate:
+    import torch
+    from optimum.intel import OVModelForSeq2SeqLM
+
+    torch.set_num_threads(1)
+    hints = {} if os.environ.get("CBART_PRECISION") == "default" else OPENVINO_F32
+    config = {"INFERENCE_NUM_THREADS": str(threads), "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": "", **hints}
+    model = OVModelForSeq2SeqLM.from_pretrained(path, ov_config=config, compile=True)
+    return generate_with(model, torch.from_numpy(ids), beams)
+
+
+def ort_beamsearch_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Generate:
+    """ONNX Runtime's BeamSearch op (``benchmarks.ort_beamsearch``): the whole loop in one ``run`` call."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(path / "beam_search.onnx"), options, providers=["CPUExecutionProvider"])
+    scalars = {
+        "num_beams": np.array([beams], np.int32),
+        "num_return_sequences": np.array([1], np.int32),
+        "length_penalty": np.array([1.0], np.float32),
+        "repetition_penalty": np.array([1.0], np.float32),
+    }
+    inputs = ids.astype(np.int32)
+
+    def generate(new_tokens: int) -> list[list[int]]:
+        length = np.array([max(new_tokens, 2) + 1], np.int32)  # + the start token; the op's shortest is 2 new
+        (sequences,) = session.run(None, {"input_ids": inputs, "max_length": length, "min_length": length, **scalars})
+        return sequences[:, 0, :].tolist()
 
     return generate
 
@@ -108,12 +146,14 @@ def ctranslate2_system(path: Path, ids: np.ndarray, beams: int, threads: int) ->
         str(path), device="cpu", intra_threads=threads, inter_threads=1, compute_type=compute_type
     )
     vocabulary = json.loads((path / "shared_vocabulary.json").read_text(encoding="utf-8"))
+    index = {token: position for position, token in enumerate(vocabulary)}
     tokens = [[vocabulary[i] for i in row] for row in ids.tolist()]
 
-    def generate(new_tokens: int) -> None:
-        translator.translate_batch(
+    def generate(new_tokens: int) -> list[list[int]]:
+        results = translator.translate_batch(
             tokens, beam_size=beams, min_decoding_length=new_tokens, max_decoding_length=new_tokens
         )
+        return [[index[token] for token in result.hypotheses[0]] for result in results]
 
     return generate
 
@@ -135,13 +175,15 @@ def cpp_system(path: Path, ids: np.ndarray, beams: int, threads: int) -> Generat
     _CHILD_PIDS.append(process.pid)
     inputs = ids.tolist()
 
-    def generate(new_tokens: int) -> None:
+    def generate(new_tokens: int) -> list[list[int]]:
         request = {"input_ids": inputs, "num_beams": beams, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens}
         assert process.stdin is not None and process.stdout is not None
         process.stdin.write(json.dumps(request) + "\n")
         process.stdin.flush()
-        if not process.stdout.readline():
+        line = process.stdout.readline()
+        if not line:
             raise SystemExit("cbart-generate exited; see its error above")
+        return json.loads(line)["sequences"]
 
     return generate
 
@@ -154,6 +196,8 @@ SYSTEMS: dict[str, Callable[..., Generate]] = {  # (path, ids, beams, threads, *
     "cbart-cpp": cpp_system,
     "optimum": optimum_system,
     "ctranslate2": ctranslate2_system,
+    "openvino": openvino_system,
+    "ort-beamsearch": ort_beamsearch_system,
 }
 
 
@@ -191,13 +235,16 @@ def main(argv: list[str] | None = None) -> None:
     generate = SYSTEMS[args.system](args.path, ids, args.beams, args.threads, **options)
     generate(2)  # warm-up
     first, full = [], []
+    sequences: list[list[int]] = []
     for _ in range(args.repeats):
         for count, bucket in ((1, first), (args.new_tokens, full)):
             started = time.perf_counter()
-            generate(count)
+            sequences = generate(count)
             bucket.append(time.perf_counter() - started)
     peak_mib = max([peak_rss_mib()] + [peak_rss_mib(pid) for pid in _CHILD_PIDS])
-    json.dump({"t1": first, "tn": full, "peak_rss_mib": peak_mib, "gpu_peak_mib": gpu_peak_mib()}, sys.stdout)
+    new_ids = [row[-args.new_tokens :] for row in sequences]  # systems differ in the start tokens they return
+    report = {"t1": first, "tn": full, "peak_rss_mib": peak_mib, "gpu_peak_mib": gpu_peak_mib(), "ids": new_ids}
+    json.dump(report, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -278,3 +279,63 @@ def test_gpu_summary_pairs_full_with_compressed_per_batch_and_reports_failures(t
     assert "4000 MiB of GPU memory at peak for the full model, 1000 MiB for compressed-384" in text
     assert "(0.25x)" in text
     assert "1 step(s) failed in that run: timed out after 300 s." in text
+
+
+def test_each_peer_runs_in_its_own_environment() -> None:
+    pythons = latency.peer_pythons(["/venvs/peers/bin/python", "openvino=/venvs/ov/bin/python"])
+    full = ModelSpec(None)
+    assert latency.interpreter(latency.Engine("openvino", full, "int8"), pythons) == "/venvs/ov/bin/python"
+    assert latency.interpreter(latency.Engine("ctranslate2", full, "fp32"), pythons) == "/venvs/peers/bin/python"
+    assert latency.interpreter(latency.Engine("cbart", full, "fp32"), pythons) == sys.executable
+    with pytest.raises(SystemExit, match="'openvno' is not a peer; peers are optimum, ctranslate2, openvino"):
+        latency.peer_pythons(["openvno=/venvs/ov/bin/python"])
+    with pytest.raises(SystemExit, match="--peers openvino:bf16: openvino runs fp32, int8, default"):
+        latency.main(["--quick", "--systems", "cbart", "--peers", "openvino:bf16"])
+    with pytest.raises(SystemExit, match="--peers onnxruntime: unknown peer 'onnxruntime'"):
+        latency.main(["--quick", "--systems", "cbart", "--peers", "onnxruntime"])
+
+
+def test_every_row_reports_how_many_new_token_ids_equal_transformers() -> None:
+    cell = latency.Cell(2, 512, 1, 3)
+    full = ModelSpec(None)
+    engines = [latency.Engine(system, full, "fp32") for system in ("transformers", "openvino", "cbart")]
+    engines.append(latency.Engine("cbart", ModelSpec(384), "fp32"))  # no transformers row for compressed-384
+    ids = {
+        "transformers": [[5, 6, 7], [8, 9, 10]],
+        "openvino": [[5, 6, 7], [8, 9, 11]],
+        "cbart": [[5, 6, 7], [8, 9, 10]],
+    }
+    rounds = {
+        engine: [{"t1": [0.1], "tn": [0.5], "peak_rss_mib": 1.0, "ids": ids.get(engine.system, [[1, 2, 3]] * 2)}]
+        for engine in engines
+    }
+    results = {engine: latency.summarise(engine, cell, rounds[engine], bandwidth=10.0) for engine in engines}
+    latency.compare_ids(results, rounds)
+    assert [r.ids_agreement for r in results.values()] == [1.0, 5 / 6, 1.0, None]
+    assert all("ids" not in entry for r in results.values() for entry in r.rounds)  # not stored in the results
+    table = latency.markdown(list(results.values()))
+    assert "| OpenVINO (optimum-intel) fp32 / full |" in table and "| 83% |" in table and table.endswith("| - |")
+    assert latency.ids_agreement([[1, 2]], [[1, 2, 3]]) == 2 / 3  # a missing position disagrees
+
+
+def test_the_beamsearch_op_peer_generates_transformers_ids_but_the_forced_eos(tmp_path: Path) -> None:
+    from cbart.benchmarks import ort_beamsearch, worker
+    from conftest import tiny_bart_config
+    from transformers import BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(tiny_bart_config()).eval()
+    model.save_pretrained(tmp_path / "bart")
+    ort_beamsearch.build(tmp_path / "bart", tmp_path / "op")
+    ids = np.array([[0, 5, 17, 33, 9, 2], [0, 50, 60, 70, 80, 2]], dtype=np.int64)
+    for beams in (1, 4):
+        generate = worker.ort_beamsearch_system(tmp_path / "op", ids, beams, threads=1)
+        with torch.no_grad():
+            expected = model.generate(
+                input_ids=torch.from_numpy(ids), num_beams=beams, do_sample=False, min_new_tokens=8, max_new_tokens=8
+            ).tolist()
+        actual = generate(8)
+        # the op has no forced-EOS processor: transformers' last token is EOS, the op's is the model's choice
+        assert [row[:-1] for row in actual] == [row[:-1] for row in expected]
+        assert all(row[-1] == 2 for row in expected)
+        assert [len(row) for row in generate(1)] == [3, 3]  # start + 2 new: the op cannot stop after one
