@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cbart.benchmarks.latency import PEERS, Cell
 from cbart.benchmarks.models import decoder_step_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,9 @@ LATENCY_FILES = (
     "latency-torch-matrix.json",
     "latency-torch-latents.json",
     "latency-quick.json",
+    "latency-peers.json",
 )
+PEERS_FILE = "latency-peers.json"
 
 
 def _find(data: dict, system: str, model: str, precision: str = "fp32") -> dict | None:
@@ -207,6 +210,88 @@ def targets(results: Path) -> str:
     return "\n".join(lines)
 
 
+def _fastest(rows: list[dict], cell: dict, precisions: tuple[str, ...], metric: str = "median_s") -> dict | None:
+    """The peer row of ``cell`` with the lowest ``metric`` among ``precisions``."""
+    candidates = [r for r in rows if r["system"] in PEERS and r["cell"] == cell and r["precision"] in precisions]
+    return min(candidates, key=lambda r: r[metric], default=None)
+
+
+def peer_targets(results: Path) -> str:
+    """Targets against the fastest peer at each precision, per cell of ``latency-peers.json`` (one run)."""
+    path = results / PEERS_FILE
+    if not path.is_file():
+        return "Not measured yet: run `cbart bench --peers ...` (see benchmarks/peers.md) with --name latency-peers.\n"
+    data = json.loads(path.read_text())
+    rows = data["results"]
+    lines = [
+        f"Against the fastest peer at each precision: `{data['command']}` ({data['date']}; {data['cpu']['cpu']}, "
+        f"flags {', '.join(data['cpu']['flags']) or 'none'}; {data['threads']} threads).\n",
+        "| cell | target | required | measured (same run) | met |",
+        "|---|---|---|---|---|",
+    ]
+
+    def ours(cell: dict, model: str, precision: str) -> dict | None:
+        return next(
+            (
+                r
+                for r in rows
+                if (r["system"], r["model"], r["precision"], r["cell"]) == ("cbart", model, precision, cell)
+            ),
+            None,
+        )
+
+    def check(label: str, cell: dict, mine: dict | None, peer: dict | None, metric: str, required: float) -> None:
+        if mine is None or peer is None:
+            return
+        ratio = peer[metric] / mine[metric]
+        lines.append(
+            f"| {Cell(**cell).label} | {label} ({peer['engine']}) | >= {required:.1f}x | {ratio:.2f}x "
+            f"| {'yes' if ratio >= required else 'no'} |"
+        )
+
+    for cell in [json.loads(key) for key in dict.fromkeys(json.dumps(r["cell"], sort_keys=True) for r in rows)]:
+        full32, full8, small8 = (
+            ours(cell, "full", "fp32"),
+            ours(cell, "full", "int8"),
+            ours(cell, "compressed-384", "int8"),
+        )
+        speed = 1.3 if cell["batch"] == 8 and cell["beams"] == 1 else 1.0
+        check(
+            "cbart full fp32 vs the fastest fp32 peer", cell, full32, _fastest(rows, cell, ("fp32",)), "median_s", speed
+        )
+        check("cbart full int8 vs the fastest int8 peer", cell, full8, _fastest(rows, cell, ("int8",)), "median_s", 1.0)
+        any_peer = _fastest(rows, cell, ("fp32", "int8", "default"))
+        check("compressed-384 int8 vs the fastest peer of any precision", cell, small8, any_peer, "median_s", 2.0)
+        encoder_peer = _fastest(rows, cell, ("fp32",), "encoder_s")
+        check(
+            "encoder + first token, cbart full fp32 vs the fastest fp32 peer's",
+            cell,
+            full32,
+            encoder_peer,
+            "encoder_s",
+            1.0,
+        )
+        for precision, mine in (("fp32", full32), ("int8", full8)):
+            ct2 = next(
+                (r for r in rows if (r["system"], r["precision"], r["cell"]) == ("ctranslate2", precision, cell)), None
+            )
+            if mine and ct2:
+                ratio = mine["peak_rss_mib"] / ct2["peak_rss_mib"]
+                lines.append(
+                    f"| {Cell(**cell).label} | peak RSS, cbart full {precision} vs CTranslate2 {precision} "
+                    f"| <= 1.2x | {ratio:.2f}x ({mine['peak_rss_mib']:.0f} vs {ct2['peak_rss_mib']:.0f} MiB) "
+                    f"| {'yes' if ratio <= 1.2 else 'no'} |"
+                )
+        if full32 and full32.get("floor_ms"):
+            ratio = full32["per_token_ms"] / full32["floor_ms"]
+            lines.append(
+                f"| {Cell(**cell).label} | decode ms/token of cbart full fp32 vs the bandwidth floor | <= 1.3x "
+                f"| {ratio:.2f}x ({full32['per_token_ms']:.1f} vs {full32['floor_ms']:.1f} ms) "
+                f"| {'yes' if ratio <= 1.3 else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _screened_floor(row: dict, data: dict) -> str:
     fp32_floor = 1000 * decoder_step_bytes(384, 512) / (data["bandwidth_gb_s"] * 1e9)
     return SCREENED_FLOOR.format(row=row, fp32_floor=fp32_floor, fp32_ratio=row["per_token_ms"] / fp32_floor)
@@ -354,7 +439,7 @@ def gpu_summary(results: Path) -> str:
 
 
 def section(results: Path) -> str:
-    parts = ["#### Targets (ratios measured in the same run)\n", targets(results), ""]
+    parts = ["#### Targets (ratios measured in the same run)\n", targets(results), "", peer_targets(results), ""]
     for name in LATENCY_FILES:
         path = results / name
         if not path.is_file():
@@ -471,7 +556,8 @@ def main() -> int:
     readme = ROOT / "README.md"
     results = ROOT / "benchmarks" / "results"
     (ROOT / "benchmarks" / "RESULTS.md").write_text(results_page(results))
-    text = replace_region(readme.read_text(), SPEED_START, SPEED_END, targets(results))
+    speed = targets(results) + "\n\n" + public(peer_targets(results))
+    text = replace_region(readme.read_text(), SPEED_START, SPEED_END, speed)
     text = replace_region(text, QUALITY_START, QUALITY_END, headline(results))
     text = replace_region(text, SERVE_START, SERVE_END, public(serve_summary(results)))
     readme.write_text(replace_region(text, GPU_START, GPU_END, public(gpu_summary(results))))

@@ -339,3 +339,48 @@ def test_the_beamsearch_op_peer_generates_transformers_ids_but_the_forced_eos(tm
         assert [row[:-1] for row in actual] == [row[:-1] for row in expected]
         assert all(row[-1] == 2 for row in expected)
         assert [len(row) for row in generate(1)] == [3, 3]  # start + 2 new: the op cannot stop after one
+
+
+def test_peer_targets_compare_cbart_with_the_fastest_peer_at_each_precision(tmp_path: Path) -> None:
+    from cbart.benchmarks.readme import peer_targets
+
+    assert "Not measured yet" in peer_targets(tmp_path)
+    cell = {"batch": 8, "source": 512, "beams": 1, "new_tokens": 64}
+
+    def row(system: str, model: str, precision: str, median: float, encoder: float, rss: float) -> dict:
+        engine = f"{system} {precision} / {model}"
+        return {"system": system, "model": model, "precision": precision, "cell": cell, "engine": engine,
+                "median_s": median, "encoder_s": encoder, "peak_rss_mib": rss}  # fmt: skip
+
+    rows = [
+        row("cbart", "full", "fp32", 2.0, 1.0, 1500.0),
+        row("cbart", "full", "int8", 1.5, 0.6, 900.0),
+        row("cbart", "compressed-384", "int8", 0.7, 0.5, 700.0),
+        row("ctranslate2", "full", "fp32", 2.8, 0.9, 1000.0),
+        row("openvino", "full", "fp32", 2.4, 1.2, 2000.0),  # the fastest fp32 peer end to end
+        row("ctranslate2", "full", "int8", 1.2, 0.5, 500.0),
+        row("openvino", "full", "default", 1.0, 0.4, 1900.0),  # the fastest of any precision
+        row("transformers", "full", "fp32", 9.0, 2.0, 900.0),  # not a peer
+    ]
+    payload = {"command": "cbart bench --peers ...", "date": "2026-11-30", "threads": 2,
+               "cpu": {"cpu": "AMD EPYC", "flags": ["avx2"]}, "results": rows}  # fmt: skip
+    (tmp_path / "latency-peers.json").write_text(json.dumps(payload))
+    table = peer_targets(tmp_path)
+    label = "batch 8, src 512, greedy, 64 new"
+    assert (
+        f"| {label} | cbart full fp32 vs the fastest fp32 peer (openvino fp32 / full) | >= 1.3x | 1.20x | no |" in table
+    )
+    assert (
+        f"| {label} | cbart full int8 vs the fastest int8 peer (ctranslate2 int8 / full) | >= 1.0x | 0.80x | no |"
+        in table
+    )
+    assert (
+        "compressed-384 int8 vs the fastest peer of any precision (openvino default / full) | >= 2.0x | 1.43x |"
+        in table
+    )
+    assert (
+        "encoder + first token, cbart full fp32 vs the fastest fp32 peer's (ctranslate2 fp32 / full) | >= 1.0x | 0.90x"
+        in table
+    )
+    assert "peak RSS, cbart full fp32 vs CTranslate2 fp32 | <= 1.2x | 1.50x (1500 vs 1000 MiB) | no |" in table
+    assert "peak RSS, cbart full int8 vs CTranslate2 int8 | <= 1.2x | 1.80x (900 vs 500 MiB) | no |" in table
