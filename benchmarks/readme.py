@@ -38,6 +38,11 @@ LATENCY_FILES = (
 PEERS_FILE = "latency-peers.json"
 
 
+def _load(path: Path) -> dict | None:
+    """A results file's contents, or None when it has not been measured yet."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _find(data: dict, system: str, model: str, precision: str = "fp32") -> dict | None:
     for row in data["results"]:
         if (row["system"], row["model"], row["precision"]) == (system, model, precision):
@@ -218,10 +223,9 @@ def _fastest(rows: list[dict], cell: dict, precisions: tuple[str, ...], metric: 
 
 def peer_targets(results: Path) -> str:
     """Targets against the fastest peer at each precision, per cell of ``latency-peers.json`` (one run)."""
-    path = results / PEERS_FILE
-    if not path.is_file():
+    data = _load(results / PEERS_FILE)
+    if data is None:
         return "Not measured yet: run `cbart bench --peers ...` (see benchmarks/peers.md) with --name latency-peers.\n"
-    data = json.loads(path.read_text())
     rows = data["results"]
     lines = [
         f"Against the fastest peer at each precision: `{data['command']}` ({data['date']}; {data['cpu']['cpu']}, "
@@ -361,9 +365,9 @@ def speculative_section(data: dict) -> str:
 def serve_summary(results: Path) -> str:
     """The README's serving summary: the load test's targets per workload (tables in RESULTS.md)."""
     path = results / "serve-load.json"
-    if not path.is_file():
+    data = _load(path)
+    if data is None:
         return "Not measured yet: run `python -m cbart.benchmarks.serve_load`.\n"
-    data = json.loads(path.read_text())
     machine = data["machine"]
     lines = [
         f"`{data['command'].strip()}` ({data['date']}; {machine['cpu']}; server {data['server_threads']} "
@@ -399,10 +403,9 @@ def serve_tables(data: dict) -> str:
 def gpu_summary(results: Path) -> str:
     """The GPU check's figures (``benchmarks/gpu_check.py``), full bart-base against compressed-384: the only
     GPU figures the README cites."""
-    path = results / "gpu-check-h200.json"
-    if not path.is_file():
+    data = _load(results / "gpu-check-h200.json")
+    if data is None:
         return "No GPU figure is measured yet: run `bash benchmarks/gpu_check.sh RESULTS_DIR` on a CUDA machine.\n"
-    data = json.loads(path.read_text())
     sizes = data["sizes"]
     lines = [
         f"`{data['command']}` ({data['date']}; {data['device']}, torch {data['torch']}; random weights of the real "
@@ -487,10 +490,9 @@ def section(results: Path) -> str:
 
 def headline(results: Path) -> str:
     """The README's first screen: what quality the compressed models lose and what speed they gain."""
-    path = results / "quality.json"
-    if not path.is_file():
+    data = _load(results / "quality.json")
+    if data is None:
         return "No trained-model results yet: run `python -m cbart.benchmarks.quality --work DIR`.\n"
-    data = json.loads(path.read_text())
     rows = {row["model"]: row for row in data["translation"]}
     base = rows["base"]
     lines = [

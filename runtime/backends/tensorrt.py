@@ -58,21 +58,13 @@ class EngineRunner:
                 f"TensorRT could not deserialize {path.name}; rebuild it with `cbart export --to trt`"
             )
         self.context = self.engine.create_execution_context()
-        self.outputs = [
-            self.engine.get_tensor_name(index)
-            for index in range(self.engine.num_io_tensors)
-            if self.engine.get_tensor_mode(self.engine.get_tensor_name(index)) == trt.TensorIOMode.OUTPUT
-        ]
-        self.engine_inputs = [
-            self.engine.get_tensor_name(index)
-            for index in range(self.engine.num_io_tensors)
-            if self.engine.get_tensor_mode(self.engine.get_tensor_name(index)) == trt.TensorIOMode.INPUT
-        ]
+        names = [self.engine.get_tensor_name(index) for index in range(self.engine.num_io_tensors)]
+        modes = {name: self.engine.get_tensor_mode(name) for name in names}
+        self.outputs = [name for name in names if modes[name] == trt.TensorIOMode.OUTPUT]
+        self.engine_inputs = [name for name in names if modes[name] == trt.TensorIOMode.INPUT]
         self.dtypes = {
-            self.engine.get_tensor_name(index): torch.from_numpy(
-                np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(self.engine.get_tensor_name(index))))
-            ).dtype
-            for index in range(self.engine.num_io_tensors)
+            name: torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+            for name in names
         }
         self.placeholder = torch.empty(PLACEHOLDER_BYTES, dtype=torch.uint8, device=device)
 
