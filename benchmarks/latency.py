@@ -200,7 +200,10 @@ def ctranslate2_source(full: Path, cache: Path) -> Path:
     return target
 
 
-def run_worker(engine: Engine, path: Path, cell: Cell, threads: int, repeats: int, python: str) -> dict[str, Any]:
+def run_worker(
+    engine: Engine, path: Path, cell: Cell, threads: int, repeats: int, python: str, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """One fresh worker process for one engine and cell; ``extra``: more worker options."""
     command = [
         python,
         "-m",
@@ -221,6 +224,7 @@ def run_worker(engine: Engine, path: Path, cell: Cell, threads: int, repeats: in
         str(threads),
         "--repeats",
         str(repeats),
+        *extra,
     ]
     env = {
         **os.environ,

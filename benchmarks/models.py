@@ -68,9 +68,11 @@ def onnx_export(
 
     torch_suffix = ("-torch" + ("" if torch_device == "cpu" else f"-{torch_device}")) if with_torch else ""
     path = cache / f"{spec.name}-onnx-{precision}{torch_suffix}{'-inflight' if inflight else ''}"
-    if (path / "manifest.json").is_file():
+    stamp = path.with_name(path.name + ".exporter")
+    if (path / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == exporter_fingerprint():
         return path
     options = ExportOptions(
+        overwrite=True,
         quantize="int8" if precision == "int8" else None,
         verify=False,
         progress=False,
@@ -79,7 +81,20 @@ def onnx_export(
         inflight=inflight,
     )
     export_onnx(checkpoint(spec, cache), path, options, log=lambda *_: None)
+    stamp.write_text(exporter_fingerprint())
     return path
+
+
+def exporter_fingerprint() -> str:
+    """A digest of the exporter's source: a cached export made by other exporter code is made again."""
+    import hashlib
+
+    from cbart import exporter
+
+    digest = hashlib.sha256()
+    for source in sorted(Path(exporter.__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def tensorrt_export(spec: ModelSpec, cache: Path, precision: str, cells: list[Any]) -> Path:

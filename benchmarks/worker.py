@@ -71,11 +71,13 @@ def generate_with(model: Any, inputs: Any, beams: int) -> Generate:
 def cbart_system(
     path: Path, ids: np.ndarray, beams: int, threads: int, backend: str = "onnxruntime", device: str = "cpu"
 ) -> Generate:
-    import torch
     from cbart.runtime.generator import Seq2SeqRuntime
 
-    if backend != "torch":
-        torch.set_num_threads(1)  # keep torch's pool from clashing with ONNX Runtime's threads
+    if backend == "tensorrt":
+        import torch  # the TensorRT backend's buffers are torch tensors; its CPU work is small
+
+        torch.set_num_threads(1)
+    # the ONNX Runtime backend never imports torch, and neither does its worker: ~180 MiB of resident memory
     runtime = Seq2SeqRuntime.from_dir(path, backend=backend, device=device, threads=threads, check_files=False)
     sequences = ids.tolist()
 
@@ -229,7 +231,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default=None, help="transformers and cbart-torch: cpu (default) or cuda")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="transformers: the model's dtype")
+    parser.add_argument(
+        "--per-session-arena", action="store_true", help="cbart: an arena per session (benchmarks.replica_memory)"
+    )
     args = parser.parse_args(argv)
+    if args.per_session_arena:
+        from cbart.runtime.backends import onnxruntime as ort_backend
+
+        ort_backend.SHARE_CPU_ARENA = False
     ids = source_ids(args.batch, args.source)
     options = {key: value for key, value in (("device", args.device), ("dtype", args.dtype)) if value is not None}
     generate = SYSTEMS[args.system](args.path, ids, args.beams, args.threads, **options)

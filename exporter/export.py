@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from cbart.compression.checkpoint import atomic_directory, is_compressed_checkpoint, load_compressed_model
 from cbart.exporter.disk_space import export_need, space_problems
+from cbart.exporter.external_weights import externalize_weights
 from cbart.exporter.lm_head_screen import BITS, BLOCK_SIZE, add_screened_lm_head
 from cbart.exporter.onnx_export import export_graph, export_torchscript, graph_definitions
 from cbart.exporter.options import ExportError, ExportOptions, check_combination
@@ -219,7 +220,8 @@ def write_onnx(
     screen_lm_head: bool,
     draft: bool = False,
 ) -> tuple[Manifest, dict[str, dict[str, int]]]:
-    """The ONNX pipeline into ``tmp``: export each graph, run its variant passes, then write the manifest.
+    """The ONNX pipeline into ``tmp``: export each graph, run its variant passes, move the weights out of the
+    graphs (``exporter.external_weights``), then write the manifest.
 
     ``draft``: a speculative pair's draft -- no encoder graph and no tokenizer (the pair shares the full model's).
     """
@@ -243,10 +245,12 @@ def write_onnx(
         )
         if fusions is not None:
             fused[definition.name] = fusions
+    shared = externalize_weights(tmp, {name: spec.file for name, spec in graphs.items()}, reusable=(ROWS_FILE,))
     has_tokenizer = not draft and _copy_tokenizer(checkpoint, options.tokenizer, tmp / "tokenizer")
     if not has_tokenizer:
         shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
     manifest = onnx_manifest(model, graphs, options, has_tokenizer, torch_graphs, screen_lm_head)
+    manifest.shared_weights = shared
     write_manifest(tmp, manifest)
     return manifest, fused
 

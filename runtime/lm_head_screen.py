@@ -37,8 +37,9 @@ MAX_CANDIDATE_FRACTION = 0.25  # past this, one pass over the whole head beats g
 class LogitScreen:
     """Turns a step's approximate logits (after masking processors) into argmax-exact logits."""
 
-    def __init__(self, directory: Path) -> None:
-        self.rows = np.load(directory / ROWS_FILE, mmap_mode="r")
+    def __init__(self, directory: Path, rows: np.ndarray | None = None) -> None:
+        """``rows``: the backend's mapping of ``ROWS_FILE`` when its sessions share it (one mapping, not two)."""
+        self.rows = np.load(directory / ROWS_FILE, mmap_mode="r") if rows is None else rows
         vocab, width = self.rows.shape
         unit = float(np.finfo(np.float32).eps) / 2
         self.rounding = 4 * width * unit / (1 - width * unit)

@@ -148,6 +148,20 @@ class EngineSpec:
 
 
 @dataclass
+class SharedWeight:
+    """A tensor that several readers map once (``exporter.external_weights``): initializers of different
+    graphs, read only by ``Gather`` nodes, that hold the same bytes -- BART's tied token embedding in the
+    encoder and the decoder step, and the screened LM head's rows. The ONNX Runtime backend maps it once and
+    hands the one mapping to every session (``SessionOptions.add_initializer``)."""
+
+    file: str
+    offset: int
+    dtype: str
+    shape: list[int]
+    initializers: dict[str, list[str]]  # graph name -> its initializers over these bytes
+
+
+@dataclass
 class VerificationSummary:
     """What the export's own verification measured (``exporter.verify``)."""
 
@@ -177,6 +191,7 @@ class Manifest:
     verification: VerificationSummary | None = None
     lm_head_screen: LmHeadScreenSpec | None = None
     draft: DraftSpec | None = None
+    shared_weights: list[SharedWeight] = field(default_factory=list)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -218,6 +233,7 @@ class Manifest:
             verification=VerificationSummary(**data["verification"]) if data.get("verification") else None,
             lm_head_screen=LmHeadScreenSpec(**data["lm_head_screen"]) if data.get("lm_head_screen") else None,
             draft=DraftSpec(**data["draft"]) if data.get("draft") else None,
+            shared_weights=[SharedWeight(**weight) for weight in data.get("shared_weights", [])],
             format=data["format"],
             format_version=data["format_version"],
         )

@@ -16,6 +16,7 @@ import pytest
 import torch
 from cbart.compression import save_checkpoint
 from cbart.compression.config import PAPER_GENERATION as PAPER
+from cbart.exporter import external_weights
 from cbart.exporter.export import ExportOptions, export_onnx
 from cbart.runtime.generator import Seq2SeqRuntime
 from conftest import random_batch, tiny_compressed
@@ -44,7 +45,11 @@ def exported(request, tmp_path_factory):
     model = tiny_compressed(request.param, seed=13, positions=160)
     root = tmp_path_factory.mktemp(f"cpp-{request.param}")
     save_checkpoint(model, root / "ckpt")
-    export_onnx(root / "ckpt", root / "onnx", ExportOptions(progress=False), log=lambda *_: None)
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "paper":  # its weights outside the graphs, as a bart-base-sized export has them
+            patch.setattr(external_weights, "MIN_EXTERNAL_BYTES", 1024)
+        export_onnx(root / "ckpt", root / "onnx", ExportOptions(progress=False), log=lambda *_: None)
+    assert any((root / "onnx").glob("*.onnx.data")) == (request.param == "paper")
     return model, root / "onnx"
 
 
@@ -146,10 +151,12 @@ def test_both_runtimes_bind_by_name_and_refuse_the_same_broken_contract(binary, 
                 assert completed.returncode == 1 and expected in completed.stderr, completed.stderr
 
 
-def test_cpp_screened_greedy_on_a_larger_vocabulary(binary, tmp_path):
-    """600 tokens: the screen prunes most of them (96-token models mostly fall back to the whole head)."""
+def test_cpp_screened_greedy_on_a_larger_vocabulary(binary, tmp_path, monkeypatch):
+    """600 tokens: the screen prunes most of them (96-token models mostly fall back to the whole head). The
+    weights are outside the graphs: the decoder's embedding is the screen's rows file."""
     model = tiny_compressed("paper", seed=5, vocab_size=600, positions=80)
     save_checkpoint(model, tmp_path / "ckpt")
+    monkeypatch.setattr(external_weights, "MIN_EXTERNAL_BYTES", 1024)
     export_onnx(tmp_path / "ckpt", tmp_path / "onnx", ExportOptions(progress=False), log=lambda *_: None)
     ids, mask = random_batch([15, 4, 9], vocab_size=600, seed=3)
     inputs = [row[: int(m.sum())].tolist() for row, m in zip(ids, mask, strict=True)]
