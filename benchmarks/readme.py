@@ -466,6 +466,13 @@ def section(results: Path) -> str:
         parts.append(f"#### `python -m cbart.benchmarks.train_memory`\n{data['table']}\n")
         if memory.with_suffix(".png").is_file():
             parts.append(f"![train memory](benchmarks/results/{memory.with_suffix('.png').name})\n")
+    replica = _load(results / "replica-memory.json")
+    if replica is not None:
+        cpu = replica["machine"]
+        parts.append(
+            f"#### `{replica['command']}` ({replica['date']}, {cpu['cpu']} with {', '.join(cpu['flags'])}, "
+            f"{replica['threads']} threads): a replica's peak memory by weight layout and arena\n{replica['table']}\n"
+        )
     quality = results / "quality.json"
     if quality.is_file():
         parts.append(quality_section(json.loads(quality.read_text())))

@@ -167,7 +167,8 @@ def graph_definitions(
 
 
 def export_graph(definition: GraphDefinition, directory: Path, opset: int) -> GraphSpec:
-    """Trace ``definition`` to ``directory/<name>.onnx`` (external data only when over 2 GB)."""
+    """Trace ``definition`` to ``directory/<name>.onnx``, weights inline unless over 2 GB (the export moves them out
+    later, after the variant passes: ``exporter.external_weights``)."""
     path = directory / f"{definition.name}.onnx"
     dynamic_axes = {
         name: {axis: label for axis, label in enumerate(shape) if isinstance(label, str)}

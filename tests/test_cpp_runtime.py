@@ -19,6 +19,8 @@ from cbart.compression.config import PAPER_GENERATION as PAPER
 from cbart.exporter import external_weights
 from cbart.exporter.export import ExportOptions, export_onnx
 from cbart.runtime.generator import Seq2SeqRuntime
+from cbart.runtime.lm_head_screen import ROWS_FILE
+from cbart.runtime.manifest import read_manifest
 from conftest import random_batch, tiny_compressed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +128,7 @@ def test_cpp_errors_are_clear_and_do_not_crash(binary, exported, tmp_path):
 def test_both_runtimes_bind_by_name_and_refuse_the_same_broken_contract(binary, exported, tmp_path):
     """Names the runtimes bind (runtime/manifest.py's contract, mirrored in contract.hpp), renamed in a real
     export's manifest: Python and C++ both refuse the directory, naming that same tensor."""
-    from cbart.runtime.manifest import ExportDirectoryError, contract_names, read_manifest
+    from cbart.runtime.manifest import ExportDirectoryError, contract_names
 
     _, directory = exported
     manifest = json.loads((directory / "manifest.json").read_text())
@@ -165,6 +167,25 @@ def test_cpp_screened_greedy_on_a_larger_vocabulary(binary, tmp_path, monkeypatc
     assert completed.returncode == 0, completed.stderr
     got = json.loads(completed.stdout.splitlines()[0])["sequences"]
     assert got == model.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
+    (shared,) = read_manifest(tmp_path / "onnx").shared_weights
+    assert shared.file == ROWS_FILE and "decoder_step" in shared.initializers  # the tied embedding is the rows
+    if Path("/proc/self/maps").is_file():  # ... mapped once, by the screen, whose mapping the session reads
+        process = subprocess.Popen(
+            [str(binary), str(tmp_path / "onnx"), "--threads", "1"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            process.stdin.write(json.dumps({"input_ids": inputs, **settings}) + "\n")
+            process.stdin.flush()
+            assert json.loads(process.stdout.readline())["sequences"] == got
+            maps = Path(f"/proc/{process.pid}/maps").read_text().splitlines()
+        finally:
+            process.stdin.close()
+            process.wait(timeout=60)
+        rows = str(tmp_path / "onnx" / ROWS_FILE)
+        assert len([line for line in maps if line.endswith(rows)]) == 1
 
 
 @pytest.fixture(scope="module")

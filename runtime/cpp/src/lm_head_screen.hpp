@@ -22,6 +22,7 @@ class MappedMatrix {
   MappedMatrix& operator=(const MappedMatrix&) = delete;
 
   const float* row(int64_t index) const { return data_ + index * cols_; }
+  const float* data() const { return data_; }
   int64_t rows() const { return rows_; }
   int64_t cols() const { return cols_; }
 
@@ -37,6 +38,8 @@ class LogitScreen {
   LogitScreen(const std::string& directory, const std::string& rows_file, const std::string& bounds_file);
 
   int64_t width() const { return weights_.cols(); }
+  // The mapped rows, [vocab, width]: the sessions' shared token embedding reads the same mapping.
+  const float* rows_data() const { return weights_.data(); }
   // `scores`: rows x vocab approximate logits after masking processors (-inf = masked); `hidden` and
   // `residual`: rows x width, the LM head's input and its 8-bit part. Leaves the exact logits where the
   // argmax can be and -inf elsewhere.

@@ -72,6 +72,12 @@ Manifest read_manifest(const std::string& directory, bool check_files, bool draf
       manifest.lm_head_rows = screen.at("rows").get<std::string>();
       manifest.lm_head_bounds = screen.at("bounds").get<std::string>();
     }
+    for (const auto& weight : data.value("shared_weights", nlohmann::json::array())) {
+      manifest.shared_weights.push_back({weight.at("file").get<std::string>(), weight.at("offset").get<int64_t>(),
+                                         weight.at("dtype").get<std::string>(),
+                                         weight.at("shape").get<std::vector<int64_t>>(),
+                                         weight.at("initializers").get<std::map<std::string, std::vector<std::string>>>()});
+    }
     const auto& pair = data.value("draft", nlohmann::json());
     if (pair.is_object()) manifest.draft_directory = pair.at("directory").get<std::string>();
     // The checkpoint's generation defaults, as the exporter resolved them (runtime/manifest.py

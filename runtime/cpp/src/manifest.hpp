@@ -10,6 +10,15 @@ namespace cbart {
 
 constexpr int kFormatVersion = 1;
 
+// A tensor several sessions read: runtime/manifest.py SharedWeight.
+struct SharedWeight {
+  std::string file;
+  int64_t offset = 0;
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::map<std::string, std::vector<std::string>> initializers;  // graph name -> its initializers over these bytes
+};
+
 struct Manifest {
   int decoder_layers = 0, heads = 0, head_dim = 0, vocab_size = 0, max_source_positions = 0;
   int64_t bos = 0, pad = 1, eos = 2, decoder_start = 2;
@@ -26,6 +35,8 @@ struct Manifest {
   std::string backend;
   // the screened LM head's files (fp32 ONNX exports); empty when the export has none
   std::string lm_head_rows, lm_head_bounds;
+  // tensors several sessions read, mapped once (shared_weights.hpp); empty in exports written before them
+  std::vector<SharedWeight> shared_weights;
   // a speculative pair's draft export, relative to this directory; empty when there is none
   std::string draft_directory;
   // the decoder step returns logits at the last new position only (rows x 1 x vocab): a pair's draft

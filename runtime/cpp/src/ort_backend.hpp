@@ -17,6 +17,7 @@
 #include "lm_head_screen.hpp"
 #include "manifest.hpp"
 #include "search.hpp"
+#include "shared_weights.hpp"
 
 namespace cbart {
 
@@ -123,8 +124,15 @@ class OrtModel {
         manifest_(read_manifest(directory, options.check_files, draft)),
         env_((load_onnxruntime(options.onnxruntime_library), ORT_LOGGING_LEVEL_WARNING), "cbart"),
         memory_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)) {
+    const auto& step_inputs = manifest_.inputs.at(DECODER_STEP);
+    if (!manifest_.lm_head_rows.empty() &&
+        std::find(step_inputs.begin(), step_inputs.end(), SWITCH) != step_inputs.end()) {
+      screen_ = std::make_unique<LogitScreen>(directory, manifest_.lm_head_rows, manifest_.lm_head_bounds);
+    }
+    shared_ = std::make_unique<SharedWeights>(directory, manifest_.shared_weights, screen_.get(), manifest_.lm_head_rows);
     for (const auto& [name, file] : manifest_.graph_files) {
       Ort::SessionOptions session_options;
+      shared_->options_for(name, session_options);
       session_options.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
       session_options.SetInterOpNumThreads(1);
       if (options.threads > 0) session_options.SetIntraOpNumThreads(options.threads);
@@ -136,11 +144,6 @@ class OrtModel {
       } catch (const Ort::Exception& error) {
         throw Error("ONNX Runtime could not load " + path + ": " + error.what());
       }
-    }
-    const auto& step_inputs = manifest_.inputs.at(DECODER_STEP);
-    if (!manifest_.lm_head_rows.empty() &&
-        std::find(step_inputs.begin(), step_inputs.end(), SWITCH) != step_inputs.end()) {
-      screen_ = std::make_unique<LogitScreen>(directory, manifest_.lm_head_rows, manifest_.lm_head_bounds);
     }
     if (!manifest_.draft_directory.empty()) {
       draft_ = std::make_unique<OrtModel>(directory + "/" + manifest_.draft_directory, options, true);
@@ -190,8 +193,9 @@ class OrtModel {
   Manifest manifest_;
   Ort::Env env_;
   Ort::MemoryInfo memory_;
+  std::unique_ptr<LogitScreen> screen_;    // before the sessions: they read its mapping (shared_)
+  std::unique_ptr<SharedWeights> shared_;  // and are destroyed first
   std::map<std::string, Ort::Session> sessions_;
-  std::unique_ptr<LogitScreen> screen_;
   std::unique_ptr<OrtModel> draft_;
   std::vector<std::string> past_names_ = cache_names(PAST, manifest_.decoder_layers),
                            present_names_ = cache_names(PRESENT, manifest_.decoder_layers),
