@@ -38,8 +38,8 @@ DEVICE_PROVIDERS = {
 
 
 SHARE_CPU_ARENA = True
-"""One CPU memory arena for every session in the process (``shared_cpu_arena``); ``benchmarks.memory`` turns it
-off to measure what it saves."""
+"""One CPU memory arena for every session in the process (``shared_cpu_arena``); ``benchmarks.replica_memory``
+turns it off to measure what it saves."""
 _arena_registered = False
 
 
@@ -49,7 +49,7 @@ def shared_cpu_arena() -> None:
     Each session otherwise grows an arena of its own to the peak of its own activations and keeps it: the
     encoder's (batch x source x width, attention scores) beside the decoder step's. With one arena, what
     the encoder freed serves the decoder steps that follow it: about 230 MiB less at batch 8, 512 source
-    tokens on bart-base, with no latency cost (``benchmarks/results/memory-*.json``).
+    tokens on bart-base, latency within the run's noise (``benchmarks/results/replica-memory.json``).
     """
     global _arena_registered
     if not _arena_registered:
