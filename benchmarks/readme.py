@@ -34,6 +34,7 @@ LATENCY_FILES = (
     "latency-torch-latents.json",
     "latency-quick.json",
     "latency-peers.json",
+    "latency-peers-sources.json",
 )
 PEERS_FILE = "latency-peers.json"
 
